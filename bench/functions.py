@@ -1,0 +1,13 @@
+"""The handlers ``fn.yaml`` runs: the same work as ``raw_nats.py`` and ``faststream_app.py``."""
+
+from __future__ import annotations
+
+import uuid
+
+
+async def create_order(order: dict) -> dict:
+    return {"order_id": uuid.uuid4().hex, "status": "accepted", "total": order["total"]}
+
+
+async def consume(event: dict) -> None:
+    """Decoding the body into ``event`` is the whole job; the host acks on return."""

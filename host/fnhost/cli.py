@@ -1,0 +1,328 @@
+"""The ``fnhost`` command.
+
+Client commands (``invoke``, ``publish``, ...) find NATS by ``--nats``, then
+``NATS_URL``, then the manifest; a manifest on ``embedded`` means the server a
+running ``fnhost dev`` wrote to ``.fnhost/nats.url``. User errors print one
+clear line each and exit 1; never a Python traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fnhost.errors import ConfigError, FnhostError, LoadError, ManifestError
+from fnhost.manifest import Manifest, load_manifest
+from fnhost_sdk import headers as h
+from fnhost_sdk.session import PublishError, Session
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="fnhost",
+    help="A serverless-style function host over NATS.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ManifestArg = Annotated[Path, typer.Argument(help="The manifest.", show_default=True)]
+NatsOption = Annotated[
+    str | None,
+    typer.Option("--nats", help="NATS URL(s), comma separated; overrides nats.url and NATS_URL."),
+]
+LoopOption = Annotated[
+    str, typer.Option("--loop", help="Event loop: auto (uvloop when installed), uvloop, asyncio.")
+]
+GraceOption = Annotated[
+    float, typer.Option("--grace", help="Seconds in-flight work gets to finish on SIGTERM/SIGINT.")
+]
+LogLevelOption = Annotated[
+    str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ...")
+]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+def _load(path: Path) -> Manifest:
+    try:
+        return load_manifest(path)
+    except FileNotFoundError:
+        raise _fail(f"{path}: no such manifest (run from your project, or pass its path)") from None
+    except ManifestError as exc:
+        for issue in exc.issues:
+            err.print(f"[red]error:[/red] {issue}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _run_async(main_coro: Callable[[], Awaitable[T]], loop: str = "auto") -> T:
+    factory = _loop_factory(loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main_coro())  # type: ignore[arg-type]
+
+
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise _fail("--loop uvloop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def _host_command(
+    manifest_path: Path,
+    *,
+    nats: str | None,
+    grace: float,
+    loop: str,
+    log_format: str,
+    log_level: str | None,
+    force_embedded: bool,
+) -> None:
+    from fnhost.host import Host
+    from fnhost.logs import setup_logging
+
+    manifest = _load(manifest_path)
+    level = log_level or manifest.logging.level
+    fmt = manifest.logging.format if manifest.logging.format != "auto" else log_format
+    setup_logging("json" if fmt == "json" else "text", level)
+    nats_url = nats if nats else (None if not force_embedded else None)
+    if force_embedded and not nats and not manifest.nats.is_embedded:
+        manifest.nats.url = "embedded"
+
+    async def serve() -> int:
+        host = Host(manifest, nats_url=nats_url, drain_grace=grace)
+        return await host.serve()
+
+    try:
+        code = _run_async(serve, loop)
+    except (ConfigError, FnhostError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    manifest: ManifestArg = Path("fn.yaml"),
+    nats_url: NatsOption = None,
+    grace: GraceOption = 30.0,
+    loop: LoopOption = "auto",
+    log_level: LogLevelOption = None,
+) -> None:
+    """Run the manifest's functions (production: JSON logs)."""
+    _host_command(
+        manifest,
+        nats=nats_url,
+        grace=grace,
+        loop=loop,
+        log_format="json",
+        log_level=log_level,
+        force_embedded=False,
+    )
+
+
+@app.command()
+def dev(
+    manifest: ManifestArg = Path("fn.yaml"),
+    nats_url: NatsOption = None,
+    grace: GraceOption = 5.0,
+    loop: LoopOption = "auto",
+    log_level: LogLevelOption = None,
+) -> None:
+    """Run locally: an embedded nats-server (unless --nats) and readable logs."""
+    _host_command(
+        manifest,
+        nats=nats_url,
+        grace=grace,
+        loop=loop,
+        log_format="text",
+        log_level=log_level,
+        force_embedded=True,
+    )
+
+
+@app.command()
+def validate(manifest: ManifestArg = Path("fn.yaml")) -> None:
+    """Check the manifest and import every function; exit 0 when all is well, 1 otherwise."""
+    from fnhost.loader import load_function
+
+    loaded = _load(manifest)
+    failures: list[str] = []
+    table = Table("function", "trigger", "module", "handler", title=str(manifest))
+    for spec in loaded.functions.values():
+        try:
+            load_function(spec, loaded)
+        except LoadError as exc:
+            failures.append(str(exc))
+            continue
+        table.add_row(spec.name, _describe_trigger(spec), spec.module, spec.handler)
+    for issue in loaded.warnings:
+        err.print(f"[yellow]warning:[/yellow] {issue}", highlight=False, soft_wrap=True)
+    for failure in failures:
+        err.print(f"[red]error:[/red] {failure}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
+    out.print(table)
+    out.print(f"[green]ok[/green]: {len(loaded.functions)} functions")
+
+
+def _describe_trigger(spec: Any) -> str:
+    trigger = spec.trigger
+    if trigger.kind == "stream":
+        return f"stream {trigger.stream}/{trigger.durable_name}"
+    return f"{trigger.kind} {trigger.request or trigger.subject}"
+
+
+def client_url(nats: str | None, manifest_path: Path) -> str:
+    """Where client commands find NATS: --nats, NATS_URL, the manifest, the embedded server."""
+    from fnhost.embedded import discover_url
+
+    if nats:
+        return nats
+    if os.environ.get("NATS_URL"):
+        return os.environ["NATS_URL"]
+    if manifest_path.is_file():
+        manifest = _load(manifest_path)
+        if not manifest.nats.is_embedded:
+            return manifest.nats.url
+        found = discover_url(manifest.root)
+        if found:
+            return found
+        raise _fail(
+            f"no embedded nats-server is running for {manifest_path} "
+            "(start one with `fnhost dev`, or pass --nats)"
+        )
+    found = discover_url(Path.cwd())
+    if found:
+        return found
+    return "nats://127.0.0.1:4222"
+
+
+def _read_data(data: str | None) -> bytes:
+    if data is None:
+        return b""
+    if data == "-":
+        return sys.stdin.buffer.read()
+    return data.encode()
+
+
+@app.command()
+def invoke(
+    target: Annotated[str, typer.Argument(help="A function name from the manifest, or a subject.")],
+    data: Annotated[str | None, typer.Argument(help="The request body; '-' reads stdin.")] = None,
+    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="The manifest.")] = Path(
+        "fn.yaml"
+    ),
+    nats_url: NatsOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 10.0,
+) -> None:
+    """Call a request/reply function and print its reply; exit 1 on an error reply."""
+    subject = target
+    if manifest.is_file():
+        spec = _load(manifest).functions.get(target)
+        if spec is not None:
+            if spec.trigger.kind != "request":
+                raise _fail(
+                    f"function {target!r} has a {spec.trigger.kind} trigger; "
+                    "only request functions answer (use `fnhost publish`)"
+                )
+            subject = spec.trigger.request or target
+    url = client_url(nats_url, manifest)
+    body = _read_data(data)
+
+    async def call() -> Any:
+        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+        try:
+            return await nc.request(subject, body, timeout=timeout)
+        finally:
+            await nc.close()
+
+    try:
+        reply = _run_async(call)
+    except nats.errors.NoRespondersError:
+        raise _fail(f"no function answers on {subject!r} (is the host running?)") from None
+    except nats.errors.TimeoutError:
+        raise _fail(f"no reply on {subject!r} within {timeout:g}s") from None
+    except (OSError, nats.errors.Error) as exc:
+        raise _fail(f"cannot reach NATS at {url}: {exc}") from None
+    if reply.headers and h.SERVICE_ERROR_CODE in reply.headers:
+        raise _fail(
+            f"{reply.headers[h.SERVICE_ERROR_CODE]} {reply.headers.get(h.SERVICE_ERROR, '')}"
+        )
+    sys.stdout.write(reply.data.decode(errors="replace") + "\n")
+
+
+@app.command()
+def publish(
+    subject: Annotated[str, typer.Argument(help="The subject.")],
+    data: Annotated[str | None, typer.Argument(help="The message body; '-' reads stdin.")] = None,
+    message_id: Annotated[
+        str | None, typer.Option("--id", help="Nats-Msg-Id (stream dedup).")
+    ] = None,
+    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="The manifest.")] = Path(
+        "fn.yaml"
+    ),
+    nats_url: NatsOption = None,
+) -> None:
+    """Publish a message; to a stream subject, wait until it is stored and print where."""
+    url = client_url(nats_url, manifest)
+    stream = _load(manifest).stream_for_subject(subject) if manifest.is_file() else None
+    body = _read_data(data)
+
+    async def send() -> Any:
+        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+        try:
+            session = Session(nc)
+            if stream is None:
+                stream_name = await _stream_on_server(nc, subject)
+                if stream_name is None:
+                    await session.publish(subject, body, message_id=message_id, jetstream=False)
+                    return None
+            return await session.publish(subject, body, message_id=message_id, jetstream=True)
+        finally:
+            await nc.close()
+
+    try:
+        ack = _run_async(send)
+    except PublishError as exc:
+        raise _fail(str(exc)) from None
+    except (OSError, nats.errors.Error) as exc:
+        raise _fail(f"cannot reach NATS at {url}: {exc}") from None
+    if ack is None:
+        out.print(f"published to {subject} (core NATS, no stream captures it)")
+    else:
+        note = " [yellow](duplicate: already stored)[/yellow]" if ack.duplicate else ""
+        out.print(f"stored in stream {ack.stream} at sequence {ack.seq}{note}")
+
+
+async def _stream_on_server(nc: Any, subject: str) -> str | None:
+    try:
+        name: str = await nc.jetstream().find_stream_name_by_subject(subject)
+    except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+        return None
+    return name

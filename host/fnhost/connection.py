@@ -1,0 +1,101 @@
+"""NATS connection options from the manifest, and the callbacks that log and react.
+
+Defaults differ from nats-py's on purpose (RELIABILITY.md): reconnect
+forever (nats-py gives up after about two minutes), ping every 20 s with 3
+outstanding (nats-py's 120 s hides a dead peer for minutes).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+
+from fnhost.manifest import NatsConfig
+
+log = logging.getLogger("fnhost.nats")
+
+RECONNECT_WAIT = 1.0
+"""Seconds between reconnect attempts; nats-py adds up to 100 ms of jitter (250 ms with TLS)."""
+
+
+def tls_context(config: NatsConfig) -> ssl.SSLContext | None:
+    """An SSL context from ``nats.tls`` (CA to trust, client cert and key), or ``None``."""
+    if config.tls is None:
+        return None
+    context = ssl.create_default_context(cafile=config.tls.ca)
+    if config.tls.cert:
+        context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context
+
+
+def connect_options(config: NatsConfig, servers: list[str], *, name: str) -> dict[str, Any]:
+    """Keyword arguments for :func:`nats.connect`."""
+    options: dict[str, Any] = {
+        "servers": servers,
+        "name": config.name or name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": RECONNECT_WAIT,
+        "ping_interval": 20,
+        "max_outstanding_pings": 3,
+        "allow_reconnect": True,
+    }
+    if config.user:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.token:
+        options["token"] = config.token
+    if config.nkey:
+        options["nkeys_seed"] = config.nkey
+    if config.creds:
+        options["user_credentials"] = config.creds
+    context = tls_context(config)
+    if context is not None:
+        options["tls"] = context
+    return options
+
+
+async def connect(
+    config: NatsConfig,
+    servers: list[str],
+    *,
+    name: str,
+    on_reconnect: Callable[[], None] | None = None,
+    on_closed: Callable[[], None] | None = None,
+    connect_timeout: float = 5.0,
+) -> NatsClient:
+    """Connect with fnhost's defaults; disconnects and reconnects are logged."""
+
+    async def disconnected() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def reconnected() -> None:
+        log.info("reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
+        if on_reconnect is not None:
+            on_reconnect()
+
+    async def closed() -> None:
+        log.info("NATS connection closed")
+        if on_closed is not None:
+            on_closed()
+
+    async def error(exc: Exception) -> None:
+        log.warning("NATS error: %s", exc)
+
+    callbacks: dict[str, Callable[..., Awaitable[None]]] = {
+        "disconnected_cb": disconnected,
+        "reconnected_cb": reconnected,
+        "closed_cb": closed,
+        "error_cb": error,
+    }
+    nc = await nats.connect(
+        **connect_options(config, servers, name=name),
+        **callbacks,
+        connect_timeout=connect_timeout,
+    )
+    return nc

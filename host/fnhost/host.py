@@ -1,0 +1,259 @@
+"""``Host``: connect -> provision -> load -> start triggers -> wait -> drain.
+
+A function that fails to load is reported (its state says why) and every
+other function runs: one broken module never takes the host down. The host
+ends with exit code 0 after a signal-initiated drain, and 1 when its NATS
+connection closes for good, so a supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from fnhost import provision
+from fnhost.connection import connect
+from fnhost.embedded import EmbeddedNats
+from fnhost.errors import FnhostError, LoadError
+from fnhost.invocation import build_endpoint, compose
+from fnhost.loader import load_function
+from fnhost.manifest import FunctionSpec, Manifest
+from fnhost.plugins.manager import PluginManager
+from fnhost.triggers import FunctionRuntime, Trigger
+from fnhost.triggers.request import RequestTrigger
+from fnhost.triggers.stream import StreamTrigger
+from fnhost.triggers.subject import SubjectTrigger
+from fnhost_sdk.session import Session
+
+log = logging.getLogger("fnhost.host")
+
+DEFAULT_GRACE = 30.0
+
+FunctionStatus = Literal["starting", "running", "failed", "draining", "stopped"]
+
+
+@dataclass
+class FunctionState:
+    """What the host knows about one function: its running version or why it is not running."""
+
+    spec: FunctionSpec
+    runtime: FunctionRuntime | None = None
+    trigger: Trigger | None = None
+    error: str | None = None
+    executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    @property
+    def status(self) -> FunctionStatus:
+        if self.error is not None and self.runtime is None:
+            return "failed"
+        return "starting" if self.trigger is None else self.trigger.status
+
+
+class Host:
+    """Runs the functions of one manifest on one NATS connection."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        nats_url: str | None = None,
+        drain_grace: float = DEFAULT_GRACE,
+        plugins: Sequence[object] = (),
+        load_entry_points: bool = True,
+    ) -> None:
+        self.manifest = manifest
+        self.drain_grace = drain_grace
+        self.plugins = PluginManager()
+        for plugin in plugins:
+            self.plugins.register(plugin)
+        if load_entry_points:
+            self.plugins.load_entry_points()
+        self.plugins.load_modules(manifest.plugins)
+        self.functions: dict[str, FunctionState] = {
+            name: FunctionState(spec) for name, spec in manifest.functions.items()
+        }
+        self.embedded: EmbeddedNats | None = None
+        self.url: str | None = None
+        self.ready = False
+        self.draining = False
+        self._nats_url = nats_url
+        self._nc: NatsClient | None = None
+        self._session: Session | None = None
+        self._lost = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("the host is not connected; call start() first")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.session.js
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            raise RuntimeError("the host is not connected; call start() first")
+        return self._session
+
+    async def start(self) -> None:
+        """Connect, provision, load every function and start its trigger."""
+        servers = await self._servers()
+        self._nc = await connect(
+            self.manifest.nats,
+            servers,
+            name=f"fnhost {self.manifest.path.name}",
+            on_reconnect=self._on_reconnect,
+            on_closed=self._lost.set,
+        )
+        self._session = Session(self._nc, stream_for_subject=self.manifest.stream_for_subject)
+        await provision.provision(self.js, self.manifest)
+        await self.plugins.startup(self)
+        for state in self.functions.values():
+            await self._start_function(state)
+        self.ready = True
+        running = sum(state.status == "running" for state in self.functions.values())
+        log.info("host ready: %d of %d functions running", running, len(self.functions))
+
+    async def _servers(self) -> list[str]:
+        if self._nats_url:
+            return [url.strip() for url in self._nats_url.split(",") if url.strip()]
+        if self.manifest.nats.is_embedded:
+            self.embedded = EmbeddedNats(self.manifest.root)
+            self.url = await self.embedded.start()
+            log.info("embedded nats-server listening on %s", self.url)
+            return [self.url]
+        return self.manifest.nats.urls
+
+    def build_runtime(self, spec: FunctionSpec, state: FunctionState) -> FunctionRuntime:
+        """Load ``spec``'s module afresh and compose its chain (raises :class:`LoadError`)."""
+        loaded = load_function(spec, self.manifest)
+        executor = None
+        if not loaded.is_async:
+            if state.executor is None:
+                state.executor = ThreadPoolExecutor(
+                    max_workers=spec.concurrency, thread_name_prefix=f"fnhost-{spec.name}"
+                )
+            executor = state.executor
+        chain = compose(build_endpoint(loaded, executor), self.plugins.middleware_for(spec, self))
+        session = self.session.with_outgoing(self.plugins.outgoing_for(spec, self))
+        return FunctionRuntime(spec=spec, loaded=loaded, chain=chain, session=session)
+
+    def build_trigger(self, runtime: FunctionRuntime) -> Trigger:
+        kind = runtime.spec.trigger.kind
+        if kind == "request":
+            return RequestTrigger(runtime, self.nc)
+        if kind == "subject":
+            return SubjectTrigger(runtime, self.nc)
+        spec = runtime.spec
+        return StreamTrigger(
+            runtime, self.nc, ensure_consumer=lambda: provision.ensure_consumer(self.js, spec)
+        )
+
+    async def _start_function(self, state: FunctionState) -> None:
+        spec = state.spec
+        try:
+            runtime = self.build_runtime(spec, state)
+        except LoadError as exc:
+            state.error = str(exc)
+            log.error("%s", exc)
+            return
+        trigger = self.build_trigger(runtime)
+        try:
+            await trigger.start()
+        except FnhostError as exc:
+            state.error = f"function {spec.name!r} did not start: {exc}"
+            log.error("%s", state.error)
+            return
+        state.runtime, state.trigger, state.error = runtime, trigger, None
+        log.info(
+            "function %s running (%s %s, version %s)",
+            spec.name,
+            spec.trigger.kind,
+            trigger.describe(),
+            runtime.version,
+        )
+
+    def _on_reconnect(self) -> None:
+        for state in self.functions.values():
+            if state.trigger is not None:
+                state.trigger.on_reconnect()
+
+    def request_stop(self) -> None:
+        """Begin a graceful drain (what SIGTERM/SIGINT do)."""
+        self._stop.set()
+
+    async def wait(self) -> int:
+        """Wait for a stop request or a lost connection; drain; return the exit code."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        lost = asyncio.ensure_future(self._lost.wait())
+        await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stop, lost):
+            waiter.cancel()
+        if self._lost.is_set() and not self._stop.is_set():
+            log.error(
+                "the NATS connection closed for good; exiting so a supervisor restarts the host"
+            )
+            await self.close(drain=False)
+            return 1
+        await self.drain()
+        return 0
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop intake everywhere, let in-flight work finish within ``grace``, then close."""
+        grace = self.drain_grace if grace is None else grace
+        self.draining = True
+        self.ready = False
+        triggers = [state.trigger for state in self.functions.values() if state.trigger]
+        log.info("draining %d functions (grace %gs)", len(triggers), grace)
+        results = await asyncio.gather(*(trigger.drain(grace) for trigger in triggers))
+        if all(results):
+            log.info("drained: all in-flight work finished")
+        await self.close(drain=True)
+
+    async def close(self, *, drain: bool) -> None:
+        """Run shutdown hooks, close the connection and the embedded server."""
+        await self.plugins.shutdown(self)
+        nc = self._nc
+        if nc is not None and not nc.is_closed:
+            if drain:
+                try:
+                    await asyncio.wait_for(nc.drain(), timeout=5)
+                except (TimeoutError, FnhostError) as exc:
+                    log.warning("connection drain did not finish: %s", exc)
+            if not nc.is_closed:
+                await nc.close()
+        for state in self.functions.values():
+            if state.executor is not None:
+                state.executor.shutdown(wait=False, cancel_futures=True)
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    async def serve(self) -> int:
+        """Start, run until SIGTERM/SIGINT (or a lost connection), drain; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.start()
+        except BaseException:
+            await self.close(drain=False)
+            raise
+        return await self.wait()
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stop.is_set():
+            log.warning("%s again: still draining", sig.name)
+            return
+        log.info("%s received: draining", sig.name)
+        self._stop.set()

@@ -1,0 +1,158 @@
+"""One message in, one outcome out.
+
+:func:`build_endpoint` makes the innermost step of a function's chain (decode,
+call the handler, encode, publish ``output:``); :func:`compose` wraps it in the
+function's middleware once per load, Starlette-style, so the per-message path
+is plain awaits through pre-built callables. :func:`outcome_for_error` is the
+single place where an exception becomes an outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from fnhost.errors import HandlerTimeout
+from fnhost.loader import LoadedFunction
+from fnhost.manifest import FunctionSpec
+from fnhost.types import (
+    ACK,
+    DeadLetter,
+    Failed,
+    Handler,
+    Invocation,
+    Middleware,
+    Nak,
+    Outcome,
+    Reply,
+)
+from fnhost_sdk import headers as h
+from fnhost_sdk.codec import encode
+from fnhost_sdk.errors import PayloadError, Reject, Retry
+
+
+def compose(endpoint: Handler, middlewares: Sequence[Middleware]) -> Handler:
+    """Wrap ``endpoint`` so that ``middlewares[0]`` is outermost."""
+    chain = endpoint
+    for middleware in reversed(middlewares):
+        chain = functools.partial(middleware, call_next=chain)
+    return chain
+
+
+def build_endpoint(loaded: LoadedFunction, executor: ThreadPoolExecutor | None = None) -> Handler:
+    """The innermost step: decode, run the handler, turn its result into an outcome.
+
+    Plain ``def`` handlers run on ``executor`` (required for them). The
+    variants are chosen here, once, so the per-message path has no branches
+    on the function's shape.
+    """
+    decode = loaded.decode
+    handler = loaded.handler
+    spec = loaded.spec
+
+    if loaded.is_async:
+        if loaded.passes_context:
+
+            async def run(inv: Invocation) -> object:
+                return await handler(decode(inv.data), inv)
+        else:
+
+            async def run(inv: Invocation) -> object:
+                return await handler(decode(inv.data))
+    else:
+        if executor is None:
+            raise ValueError(f"function {spec.name!r} is a plain def and needs a thread executor")
+        pool = executor
+
+        async def run(inv: Invocation) -> object:
+            payload = decode(inv.data)
+            call = (
+                functools.partial(handler, payload, inv)
+                if loaded.passes_context
+                else functools.partial(handler, payload)
+            )
+            return await asyncio.get_running_loop().run_in_executor(pool, call)
+
+    output = spec.output
+    if spec.trigger.kind == "request":
+
+        async def reply_endpoint(inv: Invocation) -> Outcome:
+            result = await run(inv)
+            if output is not None and result is not None:
+                await inv.publish(output, result)
+            return Reply(encode(result))
+
+        return reply_endpoint
+
+    if output is not None:
+
+        async def output_endpoint(inv: Invocation) -> Outcome:
+            result = await run(inv)
+            if result is not None:
+                await inv.publish(output, result)
+            return ACK
+
+        return output_endpoint
+
+    async def endpoint(inv: Invocation) -> Outcome:
+        await run(inv)
+        return ACK
+
+    return endpoint
+
+
+def outcome_for_error(spec: FunctionSpec, inv: Invocation, exc: Exception) -> Outcome:
+    """Map an exception from a function's chain to the outcome its trigger acts on.
+
+    Request: 400 for bad input or ``Reject``, 503 for ``Retry``, 500 otherwise.
+    Subject: logged and counted as an error. Stream: ``Retry`` naks with its
+    delay; ``Reject`` and undecodable payloads are dead-lettered (termed when
+    the function has no ``dead_letter``); other errors nak with the function's
+    back-off, and the last allowed attempt is dead-lettered.
+    """
+    description = describe(exc)
+    kind = inv.kind
+    if kind == "request":
+        if isinstance(exc, PayloadError | Reject):
+            return error_reply(400, description)
+        if isinstance(exc, Retry):
+            return error_reply(503, description)
+        return error_reply(500, description)
+    if kind == "subject":
+        return Failed(description)
+    if isinstance(exc, Retry):
+        return Nak(
+            exc.delay if exc.delay is not None else spec.retry.delay_for(inv.attempt), description
+        )
+    if isinstance(exc, PayloadError | Reject):
+        return DeadLetter(description, type(exc).__name__)
+    if inv.attempt >= spec.retry.max_deliver:
+        return DeadLetter(
+            f"retries exhausted after {inv.attempt} attempts: {description}", type(exc).__name__
+        )
+    return Nak(spec.retry.delay_for(inv.attempt), description)
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of an error for replies, logs and dead-letter headers.
+
+    One line because NATS header values cannot hold line breaks.
+    """
+    if isinstance(exc, Reject):
+        text = exc.reason
+    elif isinstance(exc, PayloadError | HandlerTimeout | Retry):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def error_reply(code: int, description: str) -> Reply:
+    """An error reply in the NATS services convention."""
+    return Reply(
+        b"",
+        {h.SERVICE_ERROR: description, h.SERVICE_ERROR_CODE: str(code)},
+        error_code=code,
+    )

@@ -1,0 +1,349 @@
+"""``trigger: {stream: S, subjects: [...], durable: d}``: a JetStream durable pull consumer.
+
+The loop holds *credit*: messages asked for with pull requests and not yet
+delivered. Credit plus in-flight invocations never exceeds the function's
+``concurrency``, so no fetched message waits for a slot while its ack wait
+runs out (the duplicate bug of pull loops that fetch a fixed batch). Each
+message is dispatched the moment it arrives: unlike nats-py's ``fetch(n)``,
+which holds the first message of a lingering pull until ``n`` arrive or the
+request expires, this adds no latency to a trickle of messages.
+
+Pull requests carry an idle heartbeat. Status messages are control, never
+payload: 408/409 return the credit they name, "Consumer Deleted" and a
+missing heartbeat make the loop re-create the consumer from the manifest.
+
+Outcomes: ack (``ack: sync`` waits for the server's confirmation), nak with a
+delay, term, or dead letter: copy the message to the function's
+``dead_letter`` subject, then term; if the copy cannot be stored, nak so
+nothing is lost. A handler that runs long gets in-progress pings every
+``ack_wait/3`` so it is not redelivered while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from fnhost.invocation import outcome_for_error
+from fnhost.triggers import FunctionRuntime, Trigger
+from fnhost.types import Ack, DeadLetter, Invocation, Nak, Outcome, Term
+from fnhost_sdk import headers as h
+from fnhost_sdk.session import PublishError
+
+log = logging.getLogger("fnhost.trigger")
+
+PULL_EXPIRES = 30.0
+"""Seconds a pull request waits on the server for messages before it expires (408)."""
+
+IDLE_HEARTBEAT = 5.0
+"""Seconds between the server's heartbeats on an idle pull; two missed ones mean it is lost."""
+
+MAX_BATCH = 256
+"""Most messages asked for in one pull request."""
+
+ConsumerFactory = Callable[[], Awaitable[None]]
+
+
+class StreamTrigger(Trigger):
+    """Pull messages from a durable consumer and run each through the function."""
+
+    def __init__(
+        self,
+        runtime: FunctionRuntime,
+        nc: NatsClient,
+        *,
+        ensure_consumer: ConsumerFactory,
+        expires: float = PULL_EXPIRES,
+        idle_heartbeat: float = IDLE_HEARTBEAT,
+    ) -> None:
+        super().__init__(runtime, nc)
+        spec = runtime.spec
+        trigger = spec.trigger
+        assert trigger.stream is not None
+        self.stream = trigger.stream
+        assert trigger.durable_name is not None
+        self.durable = trigger.durable_name
+        self._ensure_consumer = ensure_consumer
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        self._inbox = nc.new_inbox()
+        self._batch = min(trigger.effective_batch(spec.concurrency), spec.concurrency, MAX_BATCH)
+        # Ask again once half a batch of slots is free: fewer, larger pulls under load.
+        self._refill_at = max(1, self._batch // 2)
+        self._expires_ns = int(expires * 1e9)
+        self._heartbeat = idle_heartbeat
+        self._heartbeat_ns = int(idle_heartbeat * 1e9)
+        self._ack_sync = spec.ack == "sync"
+        self._ack_wait = trigger.ack_wait
+        self._pings = spec.progress_pings
+        self._credit = 0
+        self._last_heard = 0.0
+        self._wake = asyncio.Event()
+        self._sub: Subscription | None = None
+        self._pull_task: asyncio.Task[None] | None = None
+        self._ping_task: asyncio.Task[None] | None = None
+        self._started_at: dict[int, tuple[Msg, float]] = {}
+
+    def describe(self) -> str:
+        return f"{self.stream}/{self.durable}"
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
+        loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        self._pull_task = loop.create_task(self._pull_loop(), name=f"fnhost-pull-{self.name}")
+        if self._pings:
+            self._ping_task = loop.create_task(self._ping_loop(), name=f"fnhost-ping-{self.name}")
+        self.status = "running"
+
+    async def stop_intake(self) -> None:
+        if self._pull_task is not None:
+            self._pull_task.cancel()
+        if self._sub is not None:
+            # The server drops pull requests whose reply subject lost its interest.
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    async def drain(self, grace: float) -> bool:
+        try:
+            return await super().drain(grace)
+        finally:
+            if self._ping_task is not None:
+                self._ping_task.cancel()
+
+    def on_reconnect(self) -> None:
+        # A restarted server forgot our pull requests; ask again at once.
+        self._credit = 0
+        self._wake.set()
+
+    async def _pull_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        nc = self.nc
+        slots = self.slots
+        while True:
+            wanted = slots.free - self._credit
+            if wanted >= self._refill_at or (wanted > 0 and self._credit == 0 and not slots.in_use):
+                count = min(wanted, self._batch)
+                request = {
+                    "batch": count,
+                    "expires": self._expires_ns,
+                    "idle_heartbeat": self._heartbeat_ns,
+                }
+                try:
+                    await nc.publish(
+                        self._next_subject, json.dumps(request).encode(), reply=self._inbox
+                    )
+                except nats.errors.ConnectionClosedError:
+                    return
+                except nats.errors.Error as exc:
+                    log.warning("function %s: pull request failed: %s", self.name, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if self._credit == 0:
+                    self._last_heard = loop.time()
+                self._credit += count
+                continue
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self._heartbeat):
+                    await self._wake.wait()
+            except TimeoutError:
+                if self._credit and loop.time() - self._last_heard > 2 * self._heartbeat:
+                    await self._recover("no heartbeat from the server")
+
+    async def _recover(self, why: str) -> None:
+        """Our pull requests are gone: make sure the consumer exists, then ask again."""
+        if self.nc.is_closed:
+            return
+        log.warning(
+            "function %s: pull on %s/%s lost (%s)", self.name, self.stream, self.durable, why
+        )
+        self._credit = 0
+        try:
+            await self._ensure_consumer()
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning(
+                "function %s: cannot re-create consumer %s: %s", self.name, self.durable, exc
+            )
+            await asyncio.sleep(1.0)
+        self._last_heard = asyncio.get_running_loop().time()
+        self._wake.set()
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
+        if not msg.reply:
+            self._on_status(msg)
+            return
+        if self._credit:
+            self._credit -= 1
+        self.slots.in_use += 1
+        self.spawn(self._run(msg))
+
+    def _on_status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100":
+            return
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None:
+            self._credit = max(0, self._credit - int(pending))
+        description = headers.get("Description", "")
+        if status == "409" and "Consumer Deleted" in description:
+            asyncio.get_running_loop().create_task(self._recover("consumer deleted"))
+            return
+        if status not in ("404", "408"):
+            log.info("function %s: pull status %s %s", self.name, status, description)
+        if pending is None and status == "409":
+            self._credit = 0
+        self._wake.set()
+
+    async def _run(self, msg: Msg) -> None:
+        runtime = self.runtime
+        started = self._started_at
+        key = id(msg)
+        if self._pings:
+            started[key] = (msg, asyncio.get_running_loop().time())
+        try:
+            meta = msg.metadata
+            headers = msg.headers
+            inv = Invocation(
+                runtime.session,
+                msg,
+                kind="stream",
+                function=self.name,
+                subject=msg.subject,
+                data=msg.data,
+                headers=headers,
+                message_id=headers.get(h.MSG_ID) if headers else None,
+                attempt=meta.num_delivered,
+                stream=self.stream,
+                sequence=meta.sequence.stream,
+                config=runtime.spec.config,
+            )
+            try:
+                outcome = await runtime.chain(inv)
+            except Exception as exc:
+                log.exception("function %s failed outside its middleware chain", self.name)
+                outcome = outcome_for_error(runtime.spec, inv, exc)
+            await self._act(inv, outcome)
+        finally:
+            if self._pings:
+                started.pop(key, None)
+            slots = self.slots
+            slots.release()
+            if slots.free - self._credit >= self._refill_at:
+                self._wake.set()
+
+    async def _act(self, inv: Invocation, outcome: Outcome) -> None:
+        msg = inv.msg
+        try:
+            if isinstance(outcome, Ack):
+                if self._ack_sync:
+                    await msg.ack_sync()
+                else:
+                    await msg.ack()
+            elif isinstance(outcome, Nak):
+                log.warning(
+                    "function %s: attempt %d of %s/%d failed, retrying in %gs: %s",
+                    self.name,
+                    inv.attempt,
+                    self.stream,
+                    inv.sequence,
+                    outcome.delay or 0,
+                    outcome.error,
+                )
+                await msg.nak(outcome.delay)
+            elif isinstance(outcome, DeadLetter):
+                await self._dead_letter(inv, outcome)
+            elif isinstance(outcome, Term):
+                log.error(
+                    "function %s: %s/%d terminated: %s",
+                    self.name,
+                    self.stream,
+                    inv.sequence,
+                    outcome.reason,
+                )
+                await msg.term()
+            else:
+                await msg.ack()
+        except nats.errors.Error as exc:
+            # The server redelivers after ack_wait: at-least-once holds, the idempotency store absorbs it.
+            log.warning(
+                "function %s: could not settle %s/%d: %s", self.name, self.stream, inv.sequence, exc
+            )
+
+    async def _dead_letter(self, inv: Invocation, outcome: DeadLetter) -> None:
+        spec = self.runtime.spec
+        msg = inv.msg
+        if spec.dead_letter is None:
+            log.error(
+                "function %s: %s/%d rejected and terminated (no dead_letter configured): %s",
+                self.name,
+                self.stream,
+                inv.sequence,
+                outcome.reason,
+            )
+            await msg.term()
+            return
+        headers = dict(inv.headers) if inv.headers else {}
+        headers.update(
+            {
+                h.ORIGINAL_SUBJECT: inv.subject,
+                h.FUNCTION: self.name,
+                h.STREAM: self.stream,
+                h.STREAM_SEQ: str(inv.sequence),
+                h.ATTEMPTS: str(inv.attempt),
+                h.ERROR: f"{outcome.error_type}: {outcome.reason}",
+                # One copy per stream message, whoever stores it (this host or the advisory path).
+                h.MSG_ID: dead_letter_id(self.stream, inv.sequence),
+            }
+        )
+        try:
+            await inv.session.publish_durable(spec.dead_letter, inv.data, headers)
+        except PublishError as exc:
+            delay = spec.retry.delay_for(inv.attempt)
+            log.error(
+                "function %s: dead letter for %s/%d not stored (%s); nak, retry in %gs",
+                self.name,
+                self.stream,
+                inv.sequence,
+                exc,
+                delay,
+            )
+            await msg.nak(delay)
+            return
+        log.error(
+            "function %s: %s/%d dead-lettered to %s after %d attempt(s): %s",
+            self.name,
+            self.stream,
+            inv.sequence,
+            spec.dead_letter,
+            inv.attempt,
+            outcome.reason,
+        )
+        await msg.term()
+
+    async def _ping_loop(self) -> None:
+        interval = self._ack_wait / 3
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            due = loop.time() - interval
+            for msg, started in list(self._started_at.values()):
+                if started <= due:
+                    try:
+                        await msg.in_progress()
+                    except nats.errors.Error as exc:
+                        log.warning("function %s: in-progress ping failed: %s", self.name, exc)
+
+
+def dead_letter_id(stream: str, sequence: int | None) -> str:
+    """The message id of a stream message's dead-letter copy: one per message, dedup-safe."""
+    return f"dlq:{stream}:{sequence}"

@@ -1,0 +1,104 @@
+"""Core NATS triggers: ``subject`` (fire and forget); the base of ``request`` too.
+
+Both subscribe with a queue group (default: the function name) so several
+hosts share the work; ``queue: null`` on a subject trigger makes every host
+get every message. Core NATS is at-most-once: a message that arrives while
+the function is at its concurrency limit waits in the client's buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from fnhost.invocation import outcome_for_error
+from fnhost.triggers import FunctionRuntime, Trigger
+from fnhost.types import Failed, Invocation, Outcome
+from fnhost_sdk import headers as h
+
+log = logging.getLogger("fnhost.trigger")
+
+PENDING_MSGS_LIMIT = 65_536
+
+
+class CoreTrigger(Trigger):
+    """A core subscription that runs each message as its own task, up to ``concurrency``."""
+
+    def __init__(self, runtime: FunctionRuntime, nc: NatsClient) -> None:
+        super().__init__(runtime, nc)
+        trigger = runtime.spec.trigger
+        self.subject = trigger.request or trigger.subject or ""
+        self._sub: Subscription | None = None
+
+    def describe(self) -> str:
+        group = self.runtime.spec.trigger.queue_group
+        return f"{self.subject} (queue {group})" if group else f"{self.subject} (every host)"
+
+    async def start(self) -> None:
+        spec = self.runtime.spec
+        self._sub = await self.nc.subscribe(
+            self.subject,
+            queue=spec.trigger.queue_group or "",
+            cb=self._on_message,
+            pending_msgs_limit=PENDING_MSGS_LIMIT,
+        )
+        self.status = "running"
+
+    async def stop_intake(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    async def _on_message(self, msg: Msg) -> None:
+        slots = self.slots
+        if slots.in_use >= slots.capacity:
+            await slots.acquire()
+        else:
+            slots.in_use += 1
+        if self.status == "draining":
+            slots.release()
+            await self.refuse(msg)
+            return
+        self.spawn(self._run(msg))
+
+    async def _run(self, msg: Msg) -> None:
+        runtime = self.runtime
+        try:
+            headers = msg.headers
+            inv = Invocation(
+                runtime.session,
+                msg,
+                kind=runtime.spec.trigger.kind,
+                function=self.name,
+                subject=msg.subject,
+                data=msg.data,
+                headers=headers,
+                message_id=headers.get(h.MSG_ID) if headers else None,
+                config=runtime.spec.config,
+            )
+            try:
+                outcome = await runtime.chain(inv)
+            except Exception as exc:
+                log.exception("function %s failed outside its middleware chain", self.name)
+                outcome = outcome_for_error(runtime.spec, inv, exc)
+            await self.act(msg, outcome)
+        finally:
+            self.slots.release()
+
+    async def act(self, msg: Msg, outcome: Outcome) -> None:
+        """Act on an outcome (subject triggers: log failures)."""
+        if isinstance(outcome, Failed):
+            log.error(
+                "function %s: message on %s failed: %s", self.name, msg.subject, outcome.error
+            )
+
+    async def refuse(self, msg: Msg) -> None:
+        """Answer a message that arrived while draining."""
+        log.info("function %s: dropped a message on %s while draining", self.name, msg.subject)
+
+
+class SubjectTrigger(CoreTrigger):
+    """``trigger: {subject: x.y, queue: g}``: a core subscription, fire and forget."""

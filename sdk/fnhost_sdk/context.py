@@ -1,0 +1,171 @@
+"""``Context``: what a handler receives as ``ctx``.
+
+A handler declares it by naming a second parameter (or any parameter annotated
+``Context``); it is optional. One ``Context`` exists per delivered message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar, overload
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from fnhost_sdk.session import Session
+
+T = TypeVar("T")
+
+
+class Context:
+    """The message being handled and the means to act on the world.
+
+    Attributes:
+        function: the function's name in fn.yaml.
+        subject: the subject the message arrived on.
+        headers: its NATS headers (``None`` when it had none).
+        message_id: its ``Nats-Msg-Id`` header, if any.
+        attempt: the delivery count (1 on first delivery; always 1 outside streams).
+        stream, sequence: the stream and stream sequence (stream triggers only).
+        config: the function's ``config:`` mapping from fn.yaml.
+    """
+
+    __slots__ = (
+        "_log",
+        "_msg",
+        "_outputs",
+        "_session",
+        "attempt",
+        "config",
+        "function",
+        "headers",
+        "message_id",
+        "sequence",
+        "stream",
+        "subject",
+    )
+
+    def __init__(
+        self,
+        session: Session,
+        msg: Msg,
+        *,
+        function: str,
+        subject: str,
+        headers: dict[str, str] | None,
+        message_id: str | None,
+        attempt: int = 1,
+        stream: str | None = None,
+        sequence: int | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self._session = session
+        self._msg = msg
+        self._outputs = 0
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
+        self.function = function
+        self.subject = subject
+        self.headers = headers
+        self.message_id = message_id
+        self.attempt = attempt
+        self.stream = stream
+        self.sequence = sequence
+        self.config: dict[str, Any] = config if config is not None else {}
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The message's identity: its message id, else ``stream:sequence``, else ``None``."""
+        if self.message_id:
+            return self.message_id
+        if self.stream is not None and self.sequence is not None:
+            return f"{self.stream}:{self.sequence}"
+        return None
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines carry the function, subject, message id and attempt."""
+        if self._log is None:
+            self._log = logging.LoggerAdapter(
+                logging.getLogger(f"fnhost.fn.{self.function}"),
+                {
+                    "function": self.function,
+                    "subject": self.subject,
+                    "message_id": self.idempotency_key,
+                    "attempt": self.attempt,
+                },
+            )
+        return self._log
+
+    async def publish(
+        self,
+        subject: str,
+        data: Any,
+        *,
+        message_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> PubAck | None:
+        """Publish ``data``; when a stream captures ``subject``, wait until it is stored.
+
+        Without ``message_id``, a publish from a message with an identity gets
+        ``<idempotency key>/<index of this publish>``, so the stream's duplicate
+        window drops the re-publish of a redelivered message.
+        """
+        index = self._outputs
+        self._outputs = index + 1
+        if message_id is None:
+            key = self.idempotency_key
+            if key is not None:
+                message_id = f"{key}/{index}"
+        return await self._session.publish(subject, data, message_id=message_id, headers=headers)
+
+    @overload
+    async def request(
+        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: None = ...
+    ) -> bytes: ...
+
+    @overload
+    async def request(
+        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: type[T]
+    ) -> T: ...
+
+    async def request(
+        self,
+        subject: str,
+        data: Any = b"",
+        *,
+        timeout: float = 5.0,
+        returns: type[Any] | None = None,
+    ) -> Any:
+        """Call a request/reply function; raises ``ServiceError`` on an error reply."""
+        return await self._session.request(subject, data, timeout=timeout, returns=returns)
+
+    async def kv(self, bucket: str) -> KeyValue:
+        """A JetStream key-value bucket (declare it under ``kv:`` in fn.yaml)."""
+        return await self._session.kv(bucket)
+
+    async def object_store(self, name: str) -> ObjectStore:
+        """A JetStream object store (declare it under ``object_stores:`` in fn.yaml)."""
+        return await self._session.object_store(name)
+
+    async def in_progress(self) -> None:
+        """Tell JetStream the message is still being worked on (resets its ack wait).
+
+        The host already does this every ``ack_wait/3`` while a stream handler
+        runs; call it yourself only to be explicit. A no-op outside streams.
+        """
+        if self.stream is not None:
+            await self._msg.in_progress()
+
+    @property
+    def nc(self) -> NatsClient:
+        """The host's nats-py connection (escape hatch)."""
+        return self._session.nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The host's JetStream context (escape hatch)."""
+        return self._session.js
