@@ -41,7 +41,7 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StorageType
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, TooManyStalledMsgsError
 
 from harness import (
     BENCH_DIR,
@@ -170,9 +170,19 @@ async def reset_stream(js: JetStreamContext, messages: int) -> None:
         await js.delete_stream(STREAM)
     await js.add_stream(name=STREAM, subjects=[STREAM_SUBJECTS], storage=StorageType.FILE)
     # Pipelined: with sync_interval always, awaiting each publish would take minutes.
-    for seq in range(messages):
-        await js.publish_async(EVENT_SUBJECT, json.dumps({"seq": seq, "order": ORDER}).encode())
+    try:
+        for seq in range(messages):
+            event = json.dumps({"seq": seq, "order": ORDER}).encode()
+            await js.publish_async(EVENT_SUBJECT, event)
+    except TooManyStalledMsgsError:
+        # nats-py reports a cancellation (Ctrl-C) that arrives while it waits
+        # for a free publish slot as this error: let the cancellation be one.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None
+        raise
     await js.publish_async_completed()
+    # publish_async_completed() does not raise a failed publish; the count tells.
     stored = (await js.stream_info(STREAM)).state.messages
     if stored != messages:
         raise RuntimeError(f"stream {STREAM} holds {stored} messages, published {messages}")

@@ -68,8 +68,6 @@ def _fail(message: str) -> typer.Exit:
 def _load(path: Path) -> Manifest:
     try:
         return load_manifest(path)
-    except FileNotFoundError:
-        raise _fail(f"{path}: no such manifest (run from your project, or pass its path)") from None
     except ManifestError as exc:
         for issue in exc.issues:
             err.print(f"[red]error:[/red] {issue}", highlight=False, soft_wrap=True)
@@ -111,9 +109,7 @@ def _host_command(
     level = log_level or manifest.logging.level
     fmt = manifest.logging.format if manifest.logging.format != "auto" else log_format
     setup_logging("json" if fmt == "json" else "text", level)
-    nats_url = nats if nats else (None if not force_embedded else None)
-    if force_embedded and not nats and not manifest.nats.is_embedded:
-        manifest.nats.url = "embedded"
+    nats_url = nats or ("embedded" if force_embedded else None)
 
     async def serve() -> int:
         host = Host(manifest, nats_url=nats_url, drain_grace=grace)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -87,15 +87,13 @@ async def connect(
     async def error(exc: Exception) -> None:
         log.warning("NATS error: %s", exc)
 
-    callbacks: dict[str, Callable[..., Awaitable[None]]] = {
-        "disconnected_cb": disconnected,
-        "reconnected_cb": reconnected,
-        "closed_cb": closed,
-        "error_cb": error,
-    }
+    options = connect_options(config, servers, name=name)
     nc = await nats.connect(
-        **connect_options(config, servers, name=name),
-        **callbacks,
+        **options,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        closed_cb=closed,
+        error_cb=error,
         connect_timeout=connect_timeout,
     )
     return nc

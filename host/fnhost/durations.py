@@ -78,7 +78,7 @@ def parse_size(value: object) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """Render seconds the way fn.yaml writes them: ``90`` -> ``"1m30s"``, ``0.25`` -> ``"250ms"``."""
+    """Seconds as fn.yaml writes them: ``90`` -> ``"1m30s"``, ``0.25`` -> ``"250ms"``."""
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
     parts = []

@@ -126,13 +126,12 @@ class Host:
         log.info("host ready: %d of %d functions running", running, len(self.functions))
 
     async def _servers(self) -> list[str]:
-        if self._nats_url:
-            return [url.strip() for url in self._nats_url.split(",") if url.strip()]
-        if self.manifest.nats.is_embedded:
+        if self._nats_url == "embedded" or (not self._nats_url and self.manifest.nats.is_embedded):
             self.embedded = EmbeddedNats(self.manifest.root)
             self.url = await self.embedded.start()
-            log.info("embedded nats-server listening on %s", self.url)
             return [self.url]
+        if self._nats_url:
+            return [url.strip() for url in self._nats_url.split(",") if url.strip()]
         return self.manifest.nats.urls
 
     def build_runtime(self, spec: FunctionSpec, state: FunctionState) -> FunctionRuntime:

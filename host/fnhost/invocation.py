@@ -37,8 +37,14 @@ def compose(endpoint: Handler, middlewares: Sequence[Middleware]) -> Handler:
     """Wrap ``endpoint`` so that ``middlewares[0]`` is outermost."""
     chain = endpoint
     for middleware in reversed(middlewares):
-        chain = functools.partial(middleware, call_next=chain)
+        chain = _bind(middleware, chain)
     return chain
+
+
+def _bind(middleware: Middleware, call_next: Handler) -> Handler:
+    # A partial, not a closure: one Python frame less per layer per message.
+    bound: Handler = functools.partial(middleware, call_next=call_next)  # type: ignore[call-arg]
+    return bound
 
 
 def build_endpoint(loaded: LoadedFunction, executor: ThreadPoolExecutor | None = None) -> Handler:

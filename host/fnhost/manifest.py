@@ -160,11 +160,11 @@ class HttpConfig(_Model):
     """The HTTP server (health, metrics, status); ``port: 0`` picks a free port."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
 
 
 class LoggingConfig(_Model):
-    """Log level, and format: ``auto`` is JSON when stderr is not a terminal."""
+    """Log level, and format: ``auto`` lets the command decide (JSON in run, text in dev)."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["auto", "json", "text"] = "auto"
@@ -180,7 +180,7 @@ class TracingConfig(_Model):
 
     exporter: Literal["none", "console", "otlp"] = "none"
     endpoint: str | None = None
-    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     service_name: str = "fnhost"
 
 
@@ -189,9 +189,9 @@ class StreamSpec(_Model):
 
     subjects: list[str] = Field(min_length=1)
     storage: Literal["file", "memory"] = "file"
-    replicas: int = Field(1, ge=1, le=5)
+    replicas: int = Field(default=1, ge=1, le=5)
     max_age: PositiveDuration | None = None
-    max_msgs: int | None = Field(None, ge=1)
+    max_msgs: int | None = Field(default=None, ge=1)
     max_bytes: ByteSize | None = None
     duplicate_window: PositiveDuration = 120.0
     retention: Literal["limits", "workqueue", "interest"] = "limits"
@@ -218,14 +218,14 @@ class KVSpec(_Model):
     """A JetStream key-value bucket."""
 
     ttl: PositiveDuration | None = None
-    history: int = Field(1, ge=1, le=64)
-    replicas: int = Field(1, ge=1, le=5)
+    history: int = Field(default=1, ge=1, le=64)
+    replicas: int = Field(default=1, ge=1, le=5)
 
 
 class ObjectStoreSpec(_Model):
     """A JetStream object store."""
 
-    replicas: int = Field(1, ge=1, le=5)
+    replicas: int = Field(default=1, ge=1, le=5)
 
 
 class RegistrySpec(_Model):
@@ -236,7 +236,7 @@ class RegistrySpec(_Model):
     bucket: str = "fnhost_functions"
     store: str = "fnhost_artifacts"
     status_bucket: str = "fnhost_hosts"
-    history: int = Field(10, ge=1, le=64)
+    history: int = Field(default=10, ge=1, le=64)
     max_artifact_size: ByteSize = 8 * 1024 * 1024
 
     @model_validator(mode="after")
@@ -261,7 +261,7 @@ class RegistrySpec(_Model):
 class RetryPolicy(_Model):
     """How often a stream message is delivered, and the delay before each redelivery."""
 
-    max_deliver: int = Field(5, ge=1)
+    max_deliver: int = Field(default=5, ge=1)
     backoff: list[Duration] = [1.0, 5.0, 30.0, 120.0]
 
     @model_validator(mode="after")
@@ -296,9 +296,11 @@ class IdempotencySpec(_Model):
         problems: list[tuple[KeyPath, str]] = []
         header = self.key.removeprefix("header:")
         module, colon, func = self.key.partition(":")
-        if self.key == "auto" or (header != self.key and _HEADER.fullmatch(header)):
-            pass
-        elif not (colon and _DOTTED.fullmatch(module) and func.isidentifier()):
+        if not (
+            self.key == "auto"
+            or (header != self.key and _HEADER.fullmatch(header))
+            or (colon and _DOTTED.fullmatch(module) and func.isidentifier())
+        ):
             text = "use 'auto', 'header:NAME' or 'package.module:function'"
             problems.append((("key",), f"invalid key {self.key!r}: {text}"))
         if self.store in ("redis", "postgres") and not self.url:
@@ -321,13 +323,13 @@ class Trigger(_Model):
     subjects: list[str] = []
     durable: str | None = None
     ack_wait: PositiveDuration = 30.0
-    max_ack_pending: int | None = Field(None, ge=1)
+    max_ack_pending: int | None = Field(default=None, ge=1)
     deliver: Literal[
         "all", "new", "last", "last_per_subject", "by_start_sequence", "by_start_time"
     ] = "all"
-    start_sequence: int | None = Field(None, ge=1)
+    start_sequence: int | None = Field(default=None, ge=1)
     start_time: datetime | None = None
-    batch: int | None = Field(None, ge=1)
+    batch: int | None = Field(default=None, ge=1)
     _function: str | None = PrivateAttr(None)
 
     @field_validator("start_time")
@@ -343,10 +345,10 @@ class Trigger(_Model):
             _check([((), f"needs exactly one of 'request', 'subject' or 'stream', got {got}")])
         problems: list[tuple[KeyPath, str]] = []
         kind = given[0]
-        for key in sorted(self.model_fields_set - set(_KINDS)):
-            if (key in _STREAM_ONLY) != (kind == "stream"):
-                owner = "stream triggers" if key in _STREAM_ONLY else "request/subject triggers"
-                problems.append(((key,), f"'{key}' is for {owner}, not a {kind} trigger"))
+        for field in sorted(self.model_fields_set - set(_KINDS)):
+            if (field in _STREAM_ONLY) != (kind == "stream"):
+                owner = "stream triggers" if field in _STREAM_ONLY else "request/subject triggers"
+                problems.append(((field,), f"'{field}' is for {owner}, not a {kind} trigger"))
         subjects: list[tuple[KeyPath, str]] = [
             (("subjects", i), s) for i, s in enumerate(self.subjects)
         ]
@@ -358,9 +360,12 @@ class Trigger(_Model):
         if self.durable is not None and (problem := name_problem(self.durable, "durable")):
             problems.append((("durable",), problem))
         needs = {"by_start_sequence": "start_sequence", "by_start_time": "start_time"}
-        for deliver, key in needs.items():
-            if (self.deliver == deliver) != (getattr(self, key) is not None):
-                problems.append(((key,), f"'{key}' goes with deliver: {deliver}, and only there"))
+        for deliver, field in needs.items():
+            given_field = getattr(self, field) is not None
+            if self.deliver == deliver and not given_field:
+                problems.append((("deliver",), f"deliver: {deliver} needs '{field}'"))
+            elif given_field and self.deliver != deliver:
+                problems.append(((field,), f"'{field}' only applies with deliver: {deliver}"))
         _check(problems)
         return self
 
@@ -407,7 +412,7 @@ class FunctionSpec(_Model):
     trigger: Trigger
     retry: RetryPolicy = RetryPolicy()
     timeout: PositiveDuration = 30.0
-    concurrency: int = Field(64, ge=1)
+    concurrency: int = Field(default=64, ge=1)
     ack: Literal["plain", "sync"] = "plain"
     progress_pings: bool = True
     idempotency: IdempotencySpec | None = None
@@ -446,18 +451,18 @@ class FunctionSpec(_Model):
         return subject
 
     @model_validator(mode="after")
-    def _bind(self, info: ValidationInfo) -> FunctionSpec:
+    def _bind_and_check(self, info: ValidationInfo) -> FunctionSpec:
         self.trigger = self.trigger.model_copy()
         self.trigger._function = self.name
         root = (info.context or {}).get("root")
         self._root = Path(root) if root else None
         problems: list[tuple[KeyPath, str]] = []
-        if self.trigger.kind == "stream" and not self.progress_pings:
-            if self.timeout >= self.trigger.ack_wait:
-                waits = f"{format_duration(self.timeout)} is not below ack_wait"
-                waits += f" {format_duration(self.trigger.ack_wait)} and progress_pings is off"
-                text = "the server would redeliver the message while the handler still runs"
-                problems.append((("timeout",), f"{waits}: {text}"))
+        pings = self.progress_pings
+        if self.trigger.kind == "stream" and not pings and self.timeout >= self.trigger.ack_wait:
+            waits = f"{format_duration(self.timeout)} is not below ack_wait"
+            waits += f" {format_duration(self.trigger.ack_wait)} and progress_pings is off"
+            text = "the server would redeliver the message while the handler still runs"
+            problems.append((("timeout",), f"{waits}: {text}"))
         pending = self.trigger.max_ack_pending
         if pending is not None and pending < self.concurrency:
             text = f"{pending} is below concurrency {self.concurrency}: workers would sit idle"

@@ -11,9 +11,9 @@ import difflib
 import os
 import re
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -33,6 +33,8 @@ from fnhost.manifest import (
 from fnhost.subjects import SubjectIndex, subject_covers, subject_matches, subjects_overlap
 
 __all__ = ["ManifestLoader", "interpolate"]
+
+_M = TypeVar("_M", bound=BaseModel)
 
 _REF = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _VAR = re.compile(r"([A-Za-z_]\w*)(?::-(.*))?", re.DOTALL)
@@ -140,9 +142,9 @@ class ManifestLoader:
             return None
         self.walking.add(id(node))
         try:
-            if isinstance(node, yaml.SequenceNode):
-                return [self.walk(loader, item, (*path, i)) for i, item in enumerate(node.value)]
-            return self.mapping(loader, node, path)
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(loader, node, path)
+            return [self.walk(loader, item, (*path, i)) for i, item in enumerate(node.value)]
         finally:
             self.walking.discard(id(node))
 
@@ -158,12 +160,13 @@ class ManifestLoader:
             return value
         if isinstance(node, yaml.ScalarNode) and node.style is None and expanded != value:
             # An unquoted `port: ${PORT:-8080}` reads as the number, as if written out.
-            tag = loader.resolve(yaml.ScalarNode, expanded, (True, False))
+            tag = loader.resolve(yaml.ScalarNode, expanded, (True, False))  # type: ignore[no-untyped-call]
             return loader.construct_object(yaml.ScalarNode(tag, expanded))
         return expanded
 
-    def mapping(self, loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath) -> dict[Any, Any]:
-        assert isinstance(node, yaml.MappingNode)
+    def mapping(
+        self, loader: yaml.SafeLoader, node: yaml.MappingNode, path: KeyPath
+    ) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -190,13 +193,13 @@ class ManifestLoader:
     def build(self, data: dict[Any, Any]) -> Manifest | None:
         defaults = self.defaults(data.pop("defaults", None))
         self.declared_streams = set(data.get("streams") or ())
-        streams: dict[str, StreamSpec] = self.section(
+        streams = self.section(
             data,
             "streams",
             "stream",
             lambda name, raw: self.validate(StreamSpec, raw, ("streams", name)),
         )
-        functions: dict[str, FunctionSpec] = self.section(
+        functions = self.section(
             data, "functions", "function", lambda name, raw: self.function(name, raw, defaults)
         )
         self.valid_streams = len(streams)
@@ -215,16 +218,22 @@ class ManifestLoader:
                 self.report(("defaults", key), f"'{key}' has no default: set it on each function")
         usable = {k: v for k, v in raw.items() if k not in _NOT_IN_DEFAULTS}
         if usable:
-            self.function("defaults", {**_PROBE}, usable, probe=True)
+            self.function("defaults", _PROBE, usable, probe=True)
         return usable
 
-    def section(self, data: dict[Any, Any], key: str, what: str, validate: Any) -> Any:
+    def section(
+        self,
+        data: dict[Any, Any],
+        key: str,
+        what: str,
+        validate: Callable[[Any, Any], _M | None],
+    ) -> dict[Any, _M]:
         """Validate each entry of ``data[key]`` on its own so one bad entry hides no other;
         put the valid ones back for the top-level validation."""
         raw = data.get(key)
         if not isinstance(raw, dict):
             return {}
-        valid = {}
+        valid: dict[Any, _M] = {}
         for name, entry in raw.items():
             if problem := name_problem(name, what):
                 self.report((key, name), problem)
@@ -243,9 +252,10 @@ class ManifestLoader:
             return None
         if not isinstance(raw, dict):
             return self.validate(FunctionSpec, raw, ("functions", name))
-        for key, line in list(self.lines.items()) * (not probe):
-            if key.startswith("defaults."):
-                self.lines.setdefault(f"functions.{name}.{key.removeprefix('defaults.')}", line)
+        if not probe:  # merged keys answer with their line in `defaults:`
+            for key, line in list(self.lines.items()):
+                if key.startswith("defaults."):
+                    self.lines.setdefault(f"functions.{name}.{key.removeprefix('defaults.')}", line)
         try:
             merged = {**_merge(defaults, raw), "name": name}
             return FunctionSpec.model_validate(merged, context=self.context)
@@ -258,7 +268,7 @@ class ManifestLoader:
                     self.report((*at, *loc, *sub), text)
         return None
 
-    def validate(self, model: type[BaseModel], raw: Any, at: KeyPath) -> Any:
+    def validate(self, model: type[_M], raw: Any, at: KeyPath) -> _M | None:
         """``model`` from ``raw``, or None with its errors reported under ``at``."""
         try:
             return model.model_validate(raw, context=self.context)
@@ -378,12 +388,12 @@ def _dotted(path: KeyPath) -> str:
 
 def _has(data: Any, path: KeyPath) -> bool:
     for part in path:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
-            data = data[part]
-        else:
+        in_dict = isinstance(data, dict) and part in data
+        if not in_dict and not (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        ):
             return False
+        data = data[part]
     return True
 
 
@@ -401,8 +411,9 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
         below = merged.get(key)
-        both = isinstance(below, dict) and isinstance(value, dict)
-        merged[key] = _merge(below, value) if both else value
+        if isinstance(below, dict) and isinstance(value, dict):
+            value = _merge(below, value)
+        merged[key] = value
     return merged
 
 

@@ -92,7 +92,7 @@ def consumer_config(function: FunctionSpec) -> ConsumerConfig:
         filter_subjects=list(trigger.subjects) or None,
         deliver_policy=DeliverPolicy(trigger.deliver),
         opt_start_seq=trigger.start_sequence,
-        opt_start_time=trigger.start_time.isoformat() if trigger.start_time else None,
+        opt_start_time=trigger.start_time,
     )
 
 

@@ -34,7 +34,9 @@ class Client:
         self._session = Session(nc)
 
     @classmethod
-    async def connect(cls, servers: str | list[str] = "nats://127.0.0.1:4222", **options: Any) -> Client:
+    async def connect(
+        cls, servers: str | list[str] = "nats://127.0.0.1:4222", **options: Any
+    ) -> Client:
         """Connect to NATS; ``options`` go to :func:`nats.connect` (auth, TLS, ...)."""
         options.setdefault("max_reconnect_attempts", -1)
         return cls(await nats.connect(servers, **options))

@@ -11,7 +11,7 @@ class FnhostError(Exception):
     """Base class of every error fnhost raises on purpose."""
 
 
-class Retry(FnhostError):  # noqa: N818 - a verb, like FastStream's NackMessage
+class Retry(FnhostError):
     """Ask for another attempt of this message, after ``delay`` seconds.
 
     With ``delay=None`` the function's ``retry.backoff`` decides the delay.
@@ -25,7 +25,7 @@ class Retry(FnhostError):  # noqa: N818 - a verb, like FastStream's NackMessage
         self.reason = reason
 
 
-class Reject(FnhostError):  # noqa: N818 - a verb, like FastStream's RejectMessage
+class Reject(FnhostError):
     """Refuse this message for good: it goes to the dead-letter subject at once.
 
     On a request trigger the caller gets a 400 error reply carrying ``reason``.

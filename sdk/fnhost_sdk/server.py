@@ -54,8 +54,8 @@ __all__ = [
     "NatsServerError",
     "find_nats_servers",
     "free_port",
-    "port_is_free",
     "nats_server_binary",
+    "port_is_free",
     "wait_for",
     "wait_for_sync",
 ]
@@ -69,6 +69,7 @@ LOG_FILE = "nats-server.log"
 PORTS_DIR = "ports"
 BINARY_ENV = "FNHOST_NATS_SERVER"
 _LOG_TAIL_BYTES = 4000
+_PROBE_TIMEOUT = 1.0  # seconds per leader probe while waiting for an election
 
 
 class NatsServerError(FnhostError):
@@ -206,6 +207,23 @@ def _process_table() -> list[tuple[int, str]]:
         if pid.isdigit() and "<defunct>" not in args:
             rows.append((int(pid), args.strip()))
     return rows
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """True once every thread of ``pid`` is in the stopped state (Linux; elsewhere: True)."""
+    tasks = f"/proc/{pid}/task"
+    if not os.path.isdir(tasks):
+        return True
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/stat", "rb") as f:
+                # The state follows the parenthesised command name, which may hold spaces.
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # thread exited
+        if state not in (b"T", b"t"):
+            return False
+    return True
 
 
 def find_nats_servers(under: Path) -> list[int]:
@@ -424,9 +442,12 @@ class NatsServer:
         return self.start()
 
     def pause(self) -> None:
-        """SIGSTOP: the process keeps its sockets but answers nothing."""
+        """SIGSTOP: the process keeps its sockets but answers nothing. Returns once stopped."""
         self._signal(signal.SIGSTOP)
         self._paused = True
+        # kill() returns before every thread of the Go runtime has stopped, and a
+        # thread still running could answer one more message.
+        wait_for_sync(lambda: _all_threads_stopped(self.pid), 5.0, 0.001, f"{self!r} stopped")
 
     def resume(self) -> None:
         """SIGCONT after ``pause()``."""
@@ -729,7 +750,8 @@ class NatsCluster:
 
         async def leader() -> str | None:
             try:
-                info = await jsm.stream_info(stream)
+                # A short probe: mid-failover a request may go to a dead connection.
+                info = await asyncio.wait_for(jsm.stream_info(stream), _PROBE_TIMEOUT)
             except NotFoundError:
                 raise
             except (nats.errors.Error, TimeoutError):
@@ -753,7 +775,7 @@ class NatsCluster:
 
         async def leader() -> str | None:
             try:
-                info: ConsumerInfo = await jsm.consumer_info(stream, consumer)
+                info: ConsumerInfo = await jsm.consumer_info(stream, consumer, _PROBE_TIMEOUT)
             except NotFoundError:
                 raise
             except (nats.errors.Error, TimeoutError):

@@ -92,7 +92,9 @@ class Session:
         return merged or None
 
     def is_stream_subject(self, subject: str) -> bool:
-        return self._stream_for_subject is not None and self._stream_for_subject(subject) is not None
+        return (
+            self._stream_for_subject is not None and self._stream_for_subject(subject) is not None
+        )
 
     async def publish(
         self,

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from fnhost.manifest import FunctionSpec
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from fnhost.loader import LoadedFunction
+from fnhost.manifest import FunctionSpec
 from fnhost.types import Handler
 from fnhost_sdk.session import Session
 
@@ -77,7 +78,16 @@ class Slots:
 
 
 class Trigger(ABC):
-    """Base of the trigger kinds: the task bookkeeping and the drain protocol."""
+    """Base of the trigger kinds: a pool of ``concurrency`` workers and the drain protocol.
+
+    Messages wait in a backlog for a free worker; each worker runs one
+    invocation at a time. At most one idle worker is being woken at any
+    moment, and a woken worker wakes the next only if the backlog still holds
+    work: a burst of quick handlers runs back to back in one worker (no task
+    and no wake-up per message), while handlers that await I/O spread over as
+    many workers as they need. ``slots`` counts backlog plus running messages,
+    so a trigger takes no more than ``concurrency`` at once.
+    """
 
     def __init__(self, runtime: FunctionRuntime, nc: NatsClient) -> None:
         self.runtime = runtime
@@ -85,45 +95,98 @@ class Trigger(ABC):
         self.name = runtime.spec.name
         self.slots = Slots(runtime.spec.concurrency)
         self.status: TriggerStatus = "starting"
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @abstractmethod
-    async def start(self) -> None:
-        """Subscribe and begin receiving messages."""
+        self._backlog: deque[Msg] = deque()
+        self._idle: list[asyncio.Future[None]] = []
+        self._waking = False
+        self._workers: list[asyncio.Task[None]] = []
 
     @abstractmethod
     def describe(self) -> str:
         """Where the trigger listens, for logs and status pages."""
 
     @abstractmethod
+    async def subscribe(self) -> None:
+        """Begin receiving messages (each one taken with a slot and :meth:`enqueue`)."""
+
+    @abstractmethod
     async def stop_intake(self) -> None:
-        """Stop receiving new messages; in-flight invocations go on."""
+        """Stop receiving new messages; queued and running invocations go on."""
+
+    @abstractmethod
+    async def handle(self, msg: Msg) -> None:
+        """Run one message through the function and act on the outcome."""
 
     def on_reconnect(self) -> None:  # noqa: B027 - optional hook with a no-op default
         """The connection came back (the server may have forgotten our state)."""
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run one invocation as its own task, tracked for the drain."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._workers = [
+            loop.create_task(self._work(), name=f"fnhost-{self.name}-{i}")
+            for i in range(self.slots.capacity)
+        ]
+        await self.subscribe()
+        self.status = "running"
+
+    def enqueue(self, msg: Msg) -> None:
+        """Hand a message that already holds a slot to the workers."""
+        self._backlog.append(msg)
+        if not self._waking:
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        idle = self._idle
+        while idle:
+            waiter = idle.pop()
+            if not waiter.done():
+                self._waking = True
+                waiter.set_result(None)
+                return
+
+    async def _work(self) -> None:
+        backlog = self._backlog
+        slots = self.slots
+        loop = asyncio.get_running_loop()
+        while True:
+            if not backlog:
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                self._waking = False
+                if not backlog:
+                    continue
+            msg = backlog.popleft()
+            if backlog and not self._waking:
+                self._wake_one()
+            try:
+                await self.handle(msg)
+            except Exception:
+                log.exception("function %s: unexpected error handling a message", self.name)
+            finally:
+                slots.release()
+                self.released()
+
+    def released(self) -> None:  # noqa: B027 - optional hook with a no-op default
+        """A slot was freed (the stream trigger may ask for more messages)."""
 
     @property
     def inflight(self) -> int:
         return self.slots.in_use
 
     async def drain(self, grace: float) -> bool:
-        """Stop intake, then wait up to ``grace`` seconds for in-flight work.
+        """Stop intake, then wait up to ``grace`` seconds for queued and running work.
 
         Returns ``False`` if work was still running at the deadline; that work
         is cancelled and never acked (JetStream redelivers it).
         """
         self.status = "draining"
         await self.stop_intake()
+        finished = True
         try:
             async with asyncio.timeout(grace):
                 await self.slots.wait_idle()
         except TimeoutError:
+            finished = False
             log.warning(
                 "function %s: %d invocations still running after the %gs grace period; "
                 "cancelling them (they are not acked)",
@@ -131,10 +194,8 @@ class Trigger(ABC):
                 self.slots.in_use,
                 grace,
             )
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            return False
-        finally:
-            self.status = "stopped"
-        return True
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self.status = "stopped"
+        return finished

@@ -37,7 +37,7 @@ class CoreTrigger(Trigger):
         group = self.runtime.spec.trigger.queue_group
         return f"{self.subject} (queue {group})" if group else f"{self.subject} (every host)"
 
-    async def start(self) -> None:
+    async def subscribe(self) -> None:
         spec = self.runtime.spec
         self._sub = await self.nc.subscribe(
             self.subject,
@@ -45,7 +45,6 @@ class CoreTrigger(Trigger):
             cb=self._on_message,
             pending_msgs_limit=PENDING_MSGS_LIMIT,
         )
-        self.status = "running"
 
     async def stop_intake(self) -> None:
         if self._sub is not None:
@@ -62,31 +61,28 @@ class CoreTrigger(Trigger):
             slots.release()
             await self.refuse(msg)
             return
-        self.spawn(self._run(msg))
+        self.enqueue(msg)
 
-    async def _run(self, msg: Msg) -> None:
+    async def handle(self, msg: Msg) -> None:
         runtime = self.runtime
+        headers = msg.headers
+        inv = Invocation(
+            runtime.session,
+            msg,
+            kind=runtime.spec.trigger.kind,
+            function=self.name,
+            subject=msg.subject,
+            data=msg.data,
+            headers=headers,
+            message_id=headers.get(h.MSG_ID) if headers else None,
+            config=runtime.spec.config,
+        )
         try:
-            headers = msg.headers
-            inv = Invocation(
-                runtime.session,
-                msg,
-                kind=runtime.spec.trigger.kind,
-                function=self.name,
-                subject=msg.subject,
-                data=msg.data,
-                headers=headers,
-                message_id=headers.get(h.MSG_ID) if headers else None,
-                config=runtime.spec.config,
-            )
-            try:
-                outcome = await runtime.chain(inv)
-            except Exception as exc:
-                log.exception("function %s failed outside its middleware chain", self.name)
-                outcome = outcome_for_error(runtime.spec, inv, exc)
-            await self.act(msg, outcome)
-        finally:
-            self.slots.release()
+            outcome = await runtime.chain(inv)
+        except Exception as exc:
+            log.exception("function %s failed outside its middleware chain", self.name)
+            outcome = outcome_for_error(runtime.spec, inv, exc)
+        await self.act(msg, outcome)
 
     async def act(self, msg: Msg, outcome: Outcome) -> None:
         """Act on an outcome (subject triggers: log failures)."""
