@@ -84,11 +84,24 @@ class Host:
         self.url: str | None = None
         self.ready = False
         self.draining = False
+        self.problems: dict[str, str] = {}
+        """Why the host is not ready, by component (``"idempotency:redis"`` -> reason);
+        plugins set and clear their entries, ``/readyz`` reports them."""
         self._nats_url = nats_url
         self._nc: NatsClient | None = None
         self._session: Session | None = None
         self._lost = asyncio.Event()
         self._stop = asyncio.Event()
+
+    @property
+    def is_ready(self) -> bool:
+        """Started, connected, not draining, and no component reports a problem."""
+        return (
+            self.ready
+            and not self.problems
+            and self._nc is not None
+            and self._nc.is_connected
+        )
 
     @property
     def nc(self) -> NatsClient:
