@@ -363,7 +363,7 @@ def test_filter_subject_outside_the_stream() -> None:
 
 
 def test_dead_letter_must_be_captured_by_a_stream() -> None:
-    text = STREAMS + "functions:\n  f: {module: f.py, trigger: {subject: x}, dead_letter: "
+    text = STREAMS + "functions:\n  f: {module: f.py, trigger: {stream: ORDERS}, dead_letter: "
     assert parse(text + "dlq.f}\n").functions["f"].dead_letter == "dlq.f"
     assert one_problem(text + "dead.f}\n") == (
         "fn.yaml:6:functions.f.dead_letter: no declared stream captures 'dead.f':"
@@ -786,3 +786,26 @@ def test_the_design_example_parses(tmp_path: Path) -> None:
 def test_the_repository_manifest_loads() -> None:
     manifest = load_manifest(REPO / "fn.yaml", environ={})
     assert manifest.functions
+
+
+def test_settings_that_mean_nothing_for_the_trigger_kind_are_errors() -> None:
+    text = """\
+version: 1
+streams:
+  DLQ: {subjects: ["dlq.>"]}
+functions:
+  rpc:
+    module: f.py
+    trigger: {request: a.b}
+    idempotency: {store: memory}
+  fanout:
+    module: f.py
+    trigger: {subject: c.d}
+    dead_letter: dlq.fanout
+"""
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(text)
+    messages = [str(issue) for issue in caught.value.issues]
+    assert len(messages) == 2
+    assert messages[0].startswith("fn.yaml:8:functions.rpc.idempotency: is for stream and subject")
+    assert messages[1].startswith("fn.yaml:12:functions.fanout.dead_letter: only stream triggers")

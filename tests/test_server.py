@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,7 +36,7 @@ SDK_DIR = Path(fnhost_sdk.server.__file__).resolve().parents[1]
 
 @asynccontextmanager
 async def connected(servers: str | list[str], **options: object) -> AsyncIterator[Client]:
-    nc = await nats.connect(servers, connect_timeout=2, **options)  # type: ignore[arg-type]
+    nc = await nats.connect(servers, connect_timeout=2, **options)
     try:
         yield nc
     finally:
@@ -115,11 +115,11 @@ async def test_wait_for_cancels_a_predicate_running_past_the_deadline() -> None:
 
 
 async def test_wait_for_retries_ignored_errors_and_raises_others() -> None:
-    attempts = iter([KeyError("a"), KeyError("b"), 7])
+    attempts: Iterator[KeyError | int] = iter([KeyError("a"), KeyError("b"), 7])
 
     def flaky() -> int:
         value = next(attempts)
-        if isinstance(value, Exception):
+        if isinstance(value, KeyError):
             raise value
         return value
 
@@ -127,7 +127,8 @@ async def test_wait_for_retries_ignored_errors_and_raises_others() -> None:
     with pytest.raises(ZeroDivisionError):
         await wait_for(lambda: 1 / 0, timeout=2)
     with pytest.raises(AssertionError, match="last error KeyError"):
-        await wait_for(lambda: {}["x"], timeout=0.02, ignore=(KeyError,))
+        empty: dict[str, int] = {}
+        await wait_for(lambda: empty["x"], timeout=0.02, ignore=(KeyError,))
 
 
 def test_wait_for_sync() -> None:

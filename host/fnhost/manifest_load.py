@@ -296,6 +296,7 @@ class ManifestLoader:
         horizons: dict[str, tuple[float, str]] = {}
         for name, spec in functions.items():
             consumed = self.check_trigger(name, spec.trigger, streams, durables)
+            self.check_kind_settings(name, spec)
             if spec.dead_letter is not None:
                 self.check_dead_letter(name, spec, index.stream_for(spec.dead_letter))
             horizon = spec.retry.horizon(spec.timeout)
@@ -352,6 +353,17 @@ class ManifestLoader:
             self.report((*at, "durable"), text)
         durables.setdefault(durable, name)
         return trigger.stream
+
+    def check_kind_settings(self, name: str, spec: FunctionSpec) -> None:
+        """Settings that mean nothing for the function's trigger kind."""
+        kind = spec.trigger.kind
+        if spec.idempotency is not None and kind == "request":
+            text = "is for stream and subject triggers: a request's reply is not stored, so a"
+            text += " repeated request could not be answered (give requests their own ids)"
+            self.report(("functions", name, "idempotency"), text)
+        if spec.dead_letter is not None and kind != "stream":
+            text = f"only stream triggers dead-letter; a {kind} trigger has no message to keep"
+            self.report(("functions", name, "dead_letter"), text)
 
     def check_dead_letter(self, name: str, spec: FunctionSpec, owner: str | None) -> None:
         """A dead letter must land in a stream, and not in the one the function consumes."""

@@ -368,8 +368,12 @@ class NatsServer:
     @property
     def url(self) -> str:
         """``nats://HOST:PORT`` to connect to (loopback when listening on all interfaces)."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"nats://{_hostport(host, self.port)}"
+        return f"nats://{_hostport(self._client_host, self.port)}"
+
+    @property
+    def _client_host(self) -> str:
+        # A wildcard listener is reached on loopback.
+        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
 
     @property
     def monitor_url(self) -> str:
@@ -576,12 +580,10 @@ class NatsServer:
                         f"(config {self.config_path}):\n{self.log_tail()}"
                     )
                 ports = self._read_ports()
-                if ports is not None:
-                    connect_host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-                    if _can_connect(connect_host, ports[0]):
-                        # Pin both ports: a restart must come back where clients look for it.
-                        self._port, self._monitor_port = ports
-                        return
+                if ports is not None and _can_connect(self._client_host, ports[0]):
+                    # Pin both ports: a restart must come back where clients look for it.
+                    self._port, self._monitor_port = ports
+                    return
                 if time.monotonic() > deadline:
                     raise NatsServerError(
                         f"nats-server did not accept connections within {self.start_timeout}s "
@@ -743,7 +745,7 @@ class NatsCluster:
         client: Client | JetStreamManager,
         stream: str,
         *,
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 10.0,
     ) -> NatsServer:
         """The node leading ``stream``'s raft group (waits through an election)."""
         jsm = client.jsm() if isinstance(client, Client) else client
@@ -768,7 +770,7 @@ class NatsCluster:
         stream: str,
         consumer: str,
         *,
-        timeout: float = 10.0,  # noqa: ASYNC109 - bounds the election wait
+        timeout: float = 10.0,
     ) -> NatsServer:
         """The node leading the consumer's raft group (waits through an election)."""
         jsm = client.jsm() if isinstance(client, Client) else client
@@ -822,7 +824,7 @@ def _timeout_error(
 @overload
 async def wait_for(
     predicate: Callable[[], Awaitable[T | None]],
-    timeout: float = ...,  # noqa: ASYNC109 - a polling deadline, not an I/O timeout
+    timeout: float = ...,
     interval: float = ...,
     message: str = ...,
     *,
@@ -831,7 +833,7 @@ async def wait_for(
 @overload
 async def wait_for(
     predicate: Callable[[], T | None],
-    timeout: float = ...,  # noqa: ASYNC109 - a polling deadline, not an I/O timeout
+    timeout: float = ...,
     interval: float = ...,
     message: str = ...,
     *,
@@ -839,7 +841,7 @@ async def wait_for(
 ) -> T: ...
 async def wait_for(
     predicate: Callable[[], Any],
-    timeout: float = 10.0,  # noqa: ASYNC109 - a polling deadline, not an I/O timeout
+    timeout: float = 10.0,
     interval: float = 0.02,
     message: str = "",
     *,

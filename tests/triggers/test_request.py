@@ -27,11 +27,16 @@ pytestmark = pytest.mark.nats
 
 @pytest.fixture
 def run_host(host_factory):
-    """``host_factory``, then a round trip on the host's connection, so that the server
-    has registered its subscriptions before the test sends anything."""
+    """``host_factory``, then round trips on the host's connection, so that the server
+    has registered its subscriptions before the test sends anything.
+
+    Twice: nats-py 2.16's ``flush()`` writes its PING straight to the socket, ahead of
+    commands still in the client's buffer; the first round trip lets the flusher run.
+    """
 
     async def go(*args: Any, **kwargs: Any) -> Host:
         host = await host_factory(*args, **kwargs)
+        await host.nc.flush()
         await host.nc.flush()
         return host
 
