@@ -244,3 +244,14 @@ async def test_start_runs_off_the_event_loop(
     finally:
         task.cancel()
     assert ticks >= 20
+
+
+async def test_start_again_after_its_server_died(project: Path) -> None:
+    embedded = EmbeddedNats(project, port=free_port())
+    await embedded.start()
+    assert embedded.server is not None
+    embedded.server.kill()
+    assert embedded.url is None
+    url = await embedded.start()  # not refused by its own lock
+    assert discover_url(project) == url
+    await embedded.stop()

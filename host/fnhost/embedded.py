@@ -58,13 +58,14 @@ class EmbeddedNatsError(FnhostError):
 
 
 def _state_dir(project_root: Path) -> Path:
-    return Path(project_root).absolute() / STATE_DIR
+    # Resolved: a project reached through a symlink is still the same project.
+    return Path(project_root).resolve() / STATE_DIR
 
 
 def _server_name(project_root: Path) -> str:
     # Names the project, so discover_url can tell our server from whatever else
     # took the port after a crash; nats-server forbids spaces in names.
-    digest = hashlib.sha256(str(Path(project_root).absolute()).encode()).hexdigest()
+    digest = hashlib.sha256(str(Path(project_root).resolve()).encode()).hexdigest()
     return f"fnhost-dev-{digest[:12]}"
 
 
@@ -123,6 +124,8 @@ class _ProjectLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
+        if self._fd is not None:
+            return True
         if sys.platform == "win32":  # no flock: rely on the orphan scan alone
             return True
         import fcntl
@@ -160,7 +163,7 @@ class EmbeddedNats:
     def __init__(
         self, project_root: Path, *, port: int = DEFAULT_PORT, host: str = "127.0.0.1"
     ) -> None:
-        self.project_root = Path(project_root).absolute()
+        self.project_root = Path(project_root).resolve()
         self.preferred_port = port
         self.host = host
         self._server: NatsServer | None = None
@@ -220,6 +223,9 @@ class EmbeddedNats:
     # -- blocking internals, run in a worker thread
 
     def _start(self) -> str:
+        if self._server is not None:  # ours, but it died: reap it, free the lock
+            self._server.stop()
+            self._forget()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self._lock.acquire():
             running = discover_url(self.project_root)
@@ -275,8 +281,8 @@ class EmbeddedNats:
             port = -1
         try:
             return self._new_server(port).start()
-        except NatsServerError:
-            if port == -1:
+        except NatsServerError as err:
+            if port == -1 or "address already in use" not in str(err):
                 raise
             # Someone took the port between the check and nats-server's bind.
             log.info(

@@ -96,12 +96,7 @@ class Host:
     @property
     def is_ready(self) -> bool:
         """Started, connected, not draining, and no component reports a problem."""
-        return (
-            self.ready
-            and not self.problems
-            and self._nc is not None
-            and self._nc.is_connected
-        )
+        return self.ready and not self.problems and self._nc is not None and self._nc.is_connected
 
     @property
     def nc(self) -> NatsClient:
@@ -173,28 +168,83 @@ class Host:
         )
 
     async def _start_function(self, state: FunctionState) -> None:
-        spec = state.spec
         try:
-            runtime = self.build_runtime(spec, state)
+            runtime = self.build_runtime(state.spec, state)
         except LoadError as exc:
             state.error = str(exc)
             log.error("%s", exc)
             return
+        await self._start_trigger(state, runtime)
+
+    async def _start_trigger(self, state: FunctionState, runtime: FunctionRuntime) -> None:
         trigger = self.build_trigger(runtime)
         try:
             await trigger.start()
         except FnhostError as exc:
-            state.error = f"function {spec.name!r} did not start: {exc}"
+            state.error = f"function {runtime.spec.name!r} did not start: {exc}"
             log.error("%s", state.error)
             return
-        state.runtime, state.trigger, state.error = runtime, trigger, None
+        state.spec, state.runtime, state.trigger, state.error = runtime.spec, runtime, trigger, None
         log.info(
             "function %s running (%s %s, version %s)",
-            spec.name,
-            spec.trigger.kind,
+            runtime.spec.name,
+            runtime.spec.trigger.kind,
             trigger.describe(),
             runtime.version,
         )
+
+    async def reload_function(self, name: str, spec: FunctionSpec | None = None) -> bool:
+        """Load ``name`` afresh (with ``spec`` if its settings changed) and swap it in.
+
+        In-flight invocations finish on the old version; the next message runs
+        the new one. When only code or per-invocation settings changed the
+        trigger keeps running and just switches version; a changed trigger,
+        concurrency or ack mode restarts the trigger (drain, then start). If
+        the new version does not load, the running one keeps serving and
+        ``state.error`` says why. Returns whether the new version runs.
+        """
+        state = self.functions[name]
+        new_spec = spec or state.spec
+        try:
+            runtime = self.build_runtime(new_spec, state)
+        except LoadError as exc:
+            state.error = str(exc)
+            keeps = " (the previous version keeps running)" if state.runtime else ""
+            log.error("%s%s", exc, keeps)
+            return False
+        if new_spec.trigger.kind == "stream" and new_spec != state.spec:
+            await provision.ensure_consumer(self.js, new_spec)
+        trigger = state.trigger
+        if trigger is not None and not _needs_new_trigger(state.spec, new_spec):
+            trigger.runtime = runtime
+            state.spec, state.runtime, state.error = new_spec, runtime, None
+            log.info("function %s now runs version %s", name, runtime.version)
+            return True
+        if trigger is not None:
+            await trigger.drain(self.drain_grace)
+            state.trigger = None
+        await self._start_trigger(state, runtime)
+        return state.trigger is not None
+
+    async def add_function(self, spec: FunctionSpec) -> bool:
+        """Start a function that was not running (a manifest reload, a deploy)."""
+        if spec.trigger.kind == "stream":
+            await provision.ensure_consumer(self.js, spec)
+        state = self.functions.setdefault(spec.name, FunctionState(spec))
+        state.spec = spec
+        await self._start_function(state)
+        return state.trigger is not None
+
+    async def remove_function(self, name: str) -> None:
+        """Drain and stop a function; its consumer stays on the server."""
+        state = self.functions.pop(name, None)
+        if state is None:
+            return
+        if state.trigger is not None:
+            await state.trigger.drain(self.drain_grace)
+        if state.executor is not None:
+            state.executor.shutdown(wait=False)
+        log.info("function %s stopped", name)
 
     def _on_reconnect(self) -> None:
         for state in self.functions.values():
@@ -269,3 +319,13 @@ class Host:
             return
         log.info("%s received: draining", sig.name)
         self._stop.set()
+
+
+def _needs_new_trigger(old: FunctionSpec, new: FunctionSpec) -> bool:
+    """Whether a settings change needs a new trigger rather than a version swap."""
+    return (
+        old.trigger != new.trigger
+        or old.concurrency != new.concurrency
+        or old.ack != new.ack
+        or old.progress_pings != new.progress_pings
+    )

@@ -353,7 +353,7 @@ class NatsServer:
 
     @property
     def log_path(self) -> Path:
-        """The server's stdout and stderr, appended across restarts."""
+        """The server's output, appended across restarts (the previous instance's: ``.1``)."""
         return self.store_dir / LOG_FILE
 
     @property
@@ -539,6 +539,10 @@ class NatsServer:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
         self.config_path.write_text(self._render_config(), encoding="utf-8")
+        if self._proc is None and self.log_path.exists():
+            # A new NatsServer on an old store (the next `fnhost dev`) starts a new log
+            # and keeps one previous, so logs do not grow forever yet a crash can be read.
+            os.replace(self.log_path, self.log_path.with_name(LOG_FILE + ".1"))
         with self.log_path.open("ab") as log_file:
             self._log_offset = log_file.tell()
             self._proc = subprocess.Popen(
