@@ -211,6 +211,12 @@ async def measure_consume(js: JetStreamContext, proc: Process, messages: int) ->
                 ) from None
             await asyncio.sleep(POLL_INTERVAL)
             continue
+        # Anything but every message, each acked on its own, would time less work.
+        if (info.config.ack_policy, info.config.deliver_policy) != ("explicit", "all"):
+            raise ProcessFailed(
+                f"{proc.name} created {DURABLE} with ack_policy {info.config.ack_policy} and "
+                f"deliver_policy {info.config.deliver_policy}; the workload needs explicit, all"
+            )
         assert info.ack_floor is not None
         # A fresh stream numbers its messages 1..messages: a floor at the last
         # one means every message is acked.

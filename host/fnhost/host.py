@@ -26,7 +26,9 @@ from fnhost.errors import FnhostError, LoadError
 from fnhost.invocation import build_endpoint, compose
 from fnhost.loader import load_function
 from fnhost.manifest import FunctionSpec, Manifest
+from fnhost.metrics import HostMetrics
 from fnhost.plugins.manager import PluginManager
+from fnhost.tracing import HostTracing
 from fnhost.triggers import FunctionRuntime, Trigger
 from fnhost.triggers.request import RequestTrigger
 from fnhost.triggers.stream import StreamTrigger
@@ -84,6 +86,8 @@ class Host:
         self.url: str | None = None
         self.ready = False
         self.draining = False
+        self.metrics = HostMetrics()
+        self.tracing = HostTracing(manifest.tracing)
         self.problems: dict[str, str] = {}
         """Why the host is not ready, by component (``"idempotency:redis"`` -> reason);
         plugins set and clear their entries, ``/readyz`` reports them."""

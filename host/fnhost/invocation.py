@@ -10,6 +10,7 @@ single place where an exception becomes an outcome.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +80,10 @@ def build_endpoint(loaded: LoadedFunction, executor: ThreadPoolExecutor | None =
                 if loaded.passes_context
                 else functools.partial(handler, payload)
             )
-            return await asyncio.get_running_loop().run_in_executor(pool, call)
+            # Copy the context so the thread's log lines carry the invocation's fields.
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, contextvars.copy_context().run, call
+            )
 
     output = spec.output
     if spec.trigger.kind == "request":

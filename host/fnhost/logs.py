@@ -1,7 +1,9 @@
 """Log output: readable lines under ``fnhost dev``, one JSON object per line under ``fnhost run``.
 
-Invocation fields (function, subject, message id, attempt) that a logger
-adapter or ``extra=`` attaches appear in both formats.
+While a message is handled, its :class:`~fnhost.types.Invocation` is in
+:data:`current_invocation`; a filter stamps every record logged meanwhile, by
+the host, a plugin or the handler (threads included), with the function,
+subject, message id, attempt and trace id.
 """
 
 from __future__ import annotations
@@ -10,14 +12,36 @@ import json
 import logging
 import sys
 import time
-from typing import Literal
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Literal
 
 from rich.console import Console
 from rich.logging import RichHandler
 
+if TYPE_CHECKING:
+    from fnhost.types import Invocation
+
 LogFormat = Literal["text", "json"]
 
 INVOCATION_FIELDS = ("function", "subject", "message_id", "attempt", "trace_id")
+
+current_invocation: ContextVar[Invocation | None] = ContextVar("fnhost_invocation", default=None)
+"""The invocation being handled in this task or thread, for log records."""
+
+
+class InvocationContext(logging.Filter):
+    """Stamp records with the fields of the invocation being handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        inv = current_invocation.get()
+        if inv is not None:
+            fields = record.__dict__
+            fields.setdefault("function", inv.function)
+            fields.setdefault("subject", inv.subject)
+            fields.setdefault("message_id", inv.idempotency_key)
+            fields.setdefault("attempt", inv.attempt)
+            fields.setdefault("trace_id", inv.trace_id)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -59,6 +83,7 @@ def setup_logging(fmt: LogFormat, level: str = "INFO") -> None:
     if fmt == "json":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
+        handler.addFilter(InvocationContext())
     else:
         handler = RichHandler(
             console=Console(stderr=True),
@@ -66,6 +91,7 @@ def setup_logging(fmt: LogFormat, level: str = "INFO") -> None:
             rich_tracebacks=True,
             log_time_format="%H:%M:%S",
         )
+        handler.addFilter(InvocationContext())
         handler.addFilter(_InvocationFields())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -51,7 +51,7 @@ class Invocation(Context):
     allocated for every message.
     """
 
-    __slots__ = ("data", "kind")
+    __slots__ = ("data", "kind", "propagate", "trace_id")
 
     def __init__(
         self,
@@ -83,6 +83,9 @@ class Invocation(Context):
         )
         self.kind: TriggerKind = kind
         self.data = data
+        self.trace_id: str | None = None
+        self.propagate: dict[str, str] | None = None
+        """Headers carried onto everything this invocation publishes (trace context)."""
 
     @property
     def msg(self) -> Msg:

@@ -697,7 +697,7 @@ class NatsCluster:
         """Start every node; return once JetStream has a meta leader every node agrees on."""
         deadline = time.monotonic() + self.start_timeout
         try:
-            # All spawned before any is waited on: a lone node would only wait for peers.
+            # All spawned before any is waited on: they boot in parallel and meet at once.
             for server in self.servers:
                 server._spawn()
             for server in self.servers:

@@ -31,6 +31,9 @@ BUILTIN_PLUGINS = (
     # registered first, and the first result is the outermost middleware.
     "fnhost.plugins.timeout",
     "fnhost.plugins.retry",
+    "fnhost.plugins.metrics",
+    "fnhost.plugins.logging",
+    "fnhost.plugins.tracing",
 )
 
 

@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from fnhost.invocation import outcome_for_error
+from fnhost.logs import current_invocation
 from fnhost.triggers import FunctionRuntime, Trigger
 from fnhost.types import Ack, DeadLetter, Invocation, Nak, Outcome, Term
 from fnhost_sdk import headers as h
@@ -209,27 +210,26 @@ class StreamTrigger(Trigger):
 
     async def handle(self, msg: Msg) -> None:
         runtime = self.runtime
-        started = self._started_at
-        key = id(msg)
+        attempt, sequence = delivery_of(msg.reply)
+        headers = msg.headers
+        inv = Invocation(
+            runtime.session,
+            msg,
+            kind="stream",
+            function=self.name,
+            subject=msg.subject,
+            data=msg.data,
+            headers=headers,
+            message_id=headers.get(h.MSG_ID) if headers else None,
+            attempt=attempt,
+            stream=self.stream,
+            sequence=sequence,
+            config=runtime.spec.config,
+        )
+        token = current_invocation.set(inv)
         if self._pings:
-            started[key] = (msg, asyncio.get_running_loop().time())
+            self._started_at[id(msg)] = (msg, asyncio.get_running_loop().time())
         try:
-            attempt, sequence = delivery_of(msg.reply)
-            headers = msg.headers
-            inv = Invocation(
-                runtime.session,
-                msg,
-                kind="stream",
-                function=self.name,
-                subject=msg.subject,
-                data=msg.data,
-                headers=headers,
-                message_id=headers.get(h.MSG_ID) if headers else None,
-                attempt=attempt,
-                stream=self.stream,
-                sequence=sequence,
-                config=runtime.spec.config,
-            )
             try:
                 outcome = await runtime.chain(inv)
             except Exception as exc:
@@ -238,7 +238,8 @@ class StreamTrigger(Trigger):
             await self._act(inv, outcome)
         finally:
             if self._pings:
-                started.pop(key, None)
+                self._started_at.pop(id(msg), None)
+            current_invocation.reset(token)
 
     async def _act(self, inv: Invocation, outcome: Outcome) -> None:
         msg = inv.msg

@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from fnhost.invocation import outcome_for_error
+from fnhost.logs import current_invocation
 from fnhost.triggers import FunctionRuntime, Trigger
 from fnhost.types import Failed, Invocation, Outcome
 from fnhost_sdk import headers as h
@@ -77,12 +78,16 @@ class CoreTrigger(Trigger):
             message_id=headers.get(h.MSG_ID) if headers else None,
             config=runtime.spec.config,
         )
+        token = current_invocation.set(inv)
         try:
-            outcome = await runtime.chain(inv)
-        except Exception as exc:
-            log.exception("function %s failed outside its middleware chain", self.name)
-            outcome = outcome_for_error(runtime.spec, inv, exc)
-        await self.act(msg, outcome)
+            try:
+                outcome = await runtime.chain(inv)
+            except Exception as exc:
+                log.exception("function %s failed outside its middleware chain", self.name)
+                outcome = outcome_for_error(runtime.spec, inv, exc)
+            await self.act(msg, outcome)
+        finally:
+            current_invocation.reset(token)
 
     async def act(self, msg: Msg, outcome: Outcome) -> None:
         """Act on an outcome (subject triggers: log failures)."""

@@ -1,0 +1,536 @@
+"""fnhost.triggers.stream: the JetStream durable pull consumer loop, on a real nats-server.
+
+Acks, naks and terms are observed on the wire: a plain subscriber on
+``$JS.ACK.<stream>.<durable>.>`` receives a copy of every acknowledgement the
+host sends, so a test sees ``+ACK``, ``-NAK {"delay": ns}``, ``+TERM`` and
+``+WPI`` exactly as the server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import nats.js.errors
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+
+from fnhost.host import Host
+from fnhost_sdk.testing import wait_for
+
+pytestmark = pytest.mark.nats
+
+STREAMS = """\
+version: 1
+http: false
+streams:
+  IN: {subjects: ["in.>"], duplicate_window: 1h}
+  DLQ: {subjects: ["dlq.>"]}
+functions:
+"""
+
+
+def manifest(trigger: str = "", name: str = "work", **settings: str) -> str:
+    """One stream function ``name`` on ``IN`` (subject ``in.a``) plus ``settings`` lines."""
+    text = STREAMS + (
+        f"  {name}:\n    module: fn.py\n"
+        f"    trigger: {{stream: IN, subjects: [in.a], durable: {name}{trigger}}}\n"
+    )
+    for key, value in settings.items():
+        text += f"    {key}: {value}\n"
+    return text
+
+
+def module_of(host: Host, function: str = "work") -> Any:
+    runtime = host.functions[function].runtime
+    assert runtime is not None, host.functions[function].error
+    return runtime.loaded.module
+
+
+@pytest.fixture
+def js(nc: NatsClient) -> JetStreamContext:
+    return nc.jetstream()
+
+
+class AckLog:
+    """Every acknowledgement the host sends for one consumer, in order, as text."""
+
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+
+    async def on_ack(self, msg: Msg) -> None:
+        self.bodies.append(msg.data.decode())
+
+    def count(self, prefix: str) -> int:
+        return sum(body.startswith(prefix) for body in self.bodies)
+
+    def settled(self) -> list[str]:
+        """Everything but in-progress pings."""
+        return [body for body in self.bodies if body != "+WPI"]
+
+
+@pytest.fixture
+async def acks(nc: NatsClient) -> AckLog:
+    log = AckLog()
+    await nc.subscribe("$JS.ACK.IN.>", cb=log.on_ack)
+    await nc.flush()
+    return log
+
+
+async def consumer(js: JetStreamContext, durable: str = "work") -> ConsumerInfo:
+    return await js.consumer_info("IN", durable)
+
+
+async def settled(js: JetStreamContext, durable: str = "work", total: int | None = None) -> None:
+    """Wait until the consumer has nothing pending and nothing unacknowledged."""
+
+    async def done() -> bool:
+        info = await consumer(js, durable)
+        floor_ok = total is None or info.ack_floor.stream_seq == total
+        return info.num_pending == 0 and info.num_ack_pending == 0 and floor_ok
+
+    await wait_for(done, message=f"consumer {durable} settled")
+
+
+async def dead_letters(js: JetStreamContext) -> int:
+    return (await js.stream_info("DLQ")).state.messages
+
+
+async def has_dead_letters(js: JetStreamContext, count: int = 1) -> bool:
+    return await dead_letters(js) >= count
+
+
+# ----------------------------------------------------------------- happy path
+
+RECORD = """\
+    SEEN = []
+
+
+    async def handle(data: dict, ctx) -> None:
+        SEEN.append((data["i"], ctx.attempt, ctx.stream, ctx.sequence, ctx.subject))
+"""
+
+
+async def test_messages_are_consumed_and_acked_once(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(manifest(), {"fn.py": RECORD})
+    module = module_of(host)
+    for i in range(20):
+        await js.publish("in.a", json.dumps({"i": i}).encode())
+    await js.publish("in.other", b'{"i": 99}')  # outside the filter
+
+    await wait_for(lambda: len(module.SEEN) >= 20, message="20 messages handled")
+    await settled(js, total=20)
+    await wait_for(lambda: acks.count("+ACK") >= 20, message="20 acks on the wire")
+
+    assert sorted(i for i, *_ in module.SEEN) == list(range(20))
+    assert {(attempt, stream, subject) for _, attempt, stream, _, subject in module.SEEN} == {
+        (1, "IN", "in.a")
+    }
+    assert sorted(seq for *_, seq, _ in module.SEEN) == list(range(1, 21))
+    info = await consumer(js)
+    assert info.num_redelivered == 0
+    assert info.delivered.stream_seq == 20
+    assert acks.settled() == ["+ACK"] * 20
+
+
+# --------------------------------------------------------------------- retries
+
+RETRYING = """\
+    from fnhost_sdk import Retry
+
+    ATTEMPTS = []
+
+
+    async def handle(data: dict, ctx) -> None:
+        ATTEMPTS.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise Retry(delay=0.2)
+"""
+
+
+async def test_retry_naks_with_its_delay_and_the_attempt_counts_up(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(manifest(), {"fn.py": RETRYING})
+    await js.publish("in.a", b"{}")
+
+    await wait_for(lambda: acks.count("+ACK") == 1, message="acked after two retries")
+    assert module_of(host).ATTEMPTS == [1, 2, 3]
+    assert acks.settled() == ['-NAK {"delay": 200000000}'] * 2 + ["+ACK"]
+    await settled(js, total=1)
+
+
+FAILING_ONCE = """\
+    ATTEMPTS = []
+
+
+    async def handle(data: dict, ctx) -> None:
+        ATTEMPTS.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("transient")
+"""
+
+
+async def test_an_exception_naks_with_the_functions_backoff(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(
+        manifest(retry="{max_deliver: 3, backoff: [300ms, 1s]}"), {"fn.py": FAILING_ONCE}
+    )
+    await js.publish("in.a", b"{}")
+
+    await wait_for(lambda: acks.count("+ACK") == 1, message="acked on the second attempt")
+    assert module_of(host).ATTEMPTS == [1, 2]
+    assert acks.settled() == ['-NAK {"delay": 300000000}', "+ACK"]
+    await settled(js, total=1)
+    assert (await consumer(js)).num_redelivered == 0  # nothing is waiting for redelivery
+
+
+# ---------------------------------------------------------------- dead letters
+
+ALWAYS_FAILING = """\
+    ATTEMPTS = []
+
+
+    async def handle(data: dict, ctx) -> None:
+        ATTEMPTS.append(ctx.attempt)
+        raise ValueError("bad thing")
+"""
+
+
+async def test_the_last_attempt_goes_to_the_dead_letter_stream(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(
+        manifest(retry="{max_deliver: 3, backoff: [100ms]}", dead_letter="dlq.work"),
+        {"fn.py": ALWAYS_FAILING},
+    )
+    body = b'{"k": 1, "text": "caf\xc3\xa9"}'
+    await js.publish("in.a", body, headers={"X-Trace": "abc-123", "X-Tenant": "t1"})
+
+    await wait_for(lambda: has_dead_letters(js), message="a dead letter stored")
+    await wait_for(lambda: acks.count("+TERM") == 1, message="the original termed")
+
+    assert module_of(host).ATTEMPTS == [1, 2, 3]
+    stored = await js.get_msg("DLQ", 1)
+    assert stored.subject == "dlq.work"
+    assert stored.data == body
+    headers = stored.headers or {}
+    assert headers["X-Trace"] == "abc-123"
+    assert headers["X-Tenant"] == "t1"
+    assert headers["Fnhost-Original-Subject"] == "in.a"
+    assert headers["Fnhost-Function"] == "work"
+    assert headers["Fnhost-Stream"] == "IN"
+    assert headers["Fnhost-Stream-Seq"] == "1"
+    assert headers["Fnhost-Attempts"] == "3"
+    assert "ValueError" in headers["Fnhost-Error"]
+    assert "bad thing" in headers["Fnhost-Error"]
+    assert acks.settled() == ['-NAK {"delay": 100000000}'] * 2 + ["+TERM"]
+    await settled(js, total=1)
+    assert await dead_letters(js) == 1
+
+
+REJECTING = """\
+    from pydantic import BaseModel
+
+    from fnhost_sdk import Reject
+
+    ATTEMPTS = []
+
+
+    class Order(BaseModel):
+        order_id: str
+
+
+    async def handle(order: Order, ctx) -> None:
+        ATTEMPTS.append((order.order_id, ctx.attempt))
+        raise Reject(f"order {order.order_id} is not for us")
+"""
+
+
+async def test_reject_dead_letters_after_one_attempt(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(manifest(dead_letter="dlq.work"), {"fn.py": REJECTING})
+    await js.publish("in.a", b'{"order_id": "o1"}', headers={"X-Keep": "yes"})
+
+    await wait_for(lambda: has_dead_letters(js), message="a dead letter stored")
+    await wait_for(lambda: acks.count("+TERM") == 1, message="the original termed")
+    assert module_of(host).ATTEMPTS == [("o1", 1)]
+    stored = await js.get_msg("DLQ", 1)
+    assert stored.data == b'{"order_id": "o1"}'
+    headers = stored.headers or {}
+    assert headers["X-Keep"] == "yes"
+    assert headers["Fnhost-Attempts"] == "1"
+    assert headers["Fnhost-Error"] == "Reject: order o1 is not for us"
+    assert acks.settled() == ["+TERM"]
+    await settled(js, total=1)
+
+
+async def test_an_undecodable_payload_is_dead_lettered_at_first_delivery(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(manifest(dead_letter="dlq.work"), {"fn.py": REJECTING})
+    await js.publish("in.a", b"\xff not json at all")
+    await js.publish("in.a", b'{"wrong": "shape"}')
+
+    await wait_for(lambda: has_dead_letters(js, 2), message="two dead letters stored")
+    await wait_for(lambda: acks.count("+TERM") == 2, message="both originals termed")
+    assert module_of(host).ATTEMPTS == [], "the handler never ran"
+    for seq, original in ((1, b"\xff not json at all"), (2, b'{"wrong": "shape"}')):
+        stored = await js.get_msg("DLQ", seq)
+        headers = stored.headers or {}
+        assert stored.data == original
+        assert headers["Fnhost-Attempts"] == "1"
+        assert headers["Fnhost-Error"].startswith("PayloadError: ")
+    assert "order_id" in (await js.get_msg("DLQ", 2)).headers["Fnhost-Error"]  # type: ignore[index]
+    assert acks.settled() == ["+TERM", "+TERM"]
+
+
+MIXED = """\
+    from fnhost_sdk import Reject
+
+    ATTEMPTS = []
+
+
+    async def handle(data: dict, ctx) -> None:
+        ATTEMPTS.append((data["kind"], ctx.attempt))
+        if data["kind"] == "reject":
+            raise Reject("no")
+        raise ValueError("always")
+"""
+
+
+async def test_without_dead_letter_a_rejected_or_exhausted_message_is_termed(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(
+        manifest(retry="{max_deliver: 2, backoff: [100ms]}"), {"fn.py": MIXED}
+    )
+    await js.publish("in.a", b'{"kind": "reject"}')
+    await wait_for(lambda: acks.count("+TERM") == 1, message="the rejected message termed")
+    await js.publish("in.a", b'{"kind": "fail"}')
+    await wait_for(lambda: acks.count("+TERM") == 2, message="the exhausted message termed")
+
+    assert module_of(host).ATTEMPTS == [("reject", 1), ("fail", 1), ("fail", 2)]
+    assert acks.settled() == ["+TERM", '-NAK {"delay": 100000000}', "+TERM"]
+    await settled(js, total=2)
+    assert await dead_letters(js) == 0
+
+
+# ------------------------------------------------------------ flow control
+
+SLOW = """\
+    import asyncio
+
+    ACTIVE = 0
+    MAX = 0
+    DONE = []
+
+
+    async def handle(data: dict) -> None:
+        global ACTIVE, MAX
+        ACTIVE += 1
+        MAX = max(MAX, ACTIVE)
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            ACTIVE -= 1
+        DONE.append(data["i"])
+"""
+
+
+async def test_never_more_in_flight_or_unacked_than_the_concurrency(
+    host_factory, js: JetStreamContext
+) -> None:
+    """The pull loop asks only for as many messages as it has free slots: a message
+    fetched while no slot is free would sit with its ack wait running."""
+    total = 500
+    host = await host_factory(manifest(concurrency="4"), {"fn.py": SLOW})
+    module = module_of(host)
+    samples: list[tuple[int, int]] = []
+
+    async def sample() -> None:
+        while len(module.DONE) < total:
+            info = await consumer(js)
+            samples.append((info.num_ack_pending, info.num_waiting))
+            await asyncio.sleep(0.002)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        for i in range(total):
+            await js.publish("in.a", json.dumps({"i": i}).encode())
+        await wait_for(lambda: len(module.DONE) >= total, timeout=60, message="all handled")
+    finally:
+        await sampler
+    await settled(js, total=total)
+
+    assert sorted(module.DONE) == list(range(total))
+    assert module.MAX == 4
+    assert len(samples) >= 50, f"only {len(samples)} samples"
+    over = [pending for pending, _ in samples if pending > 4]
+    assert not over, f"num_ack_pending above concurrency 4 in {len(over)} of {len(samples)}"
+    assert max(pending for pending, _ in samples) >= 1
+    assert (await consumer(js)).num_redelivered == 0
+
+
+async def test_a_single_message_to_an_idle_consumer_is_handled_promptly(
+    host_factory, js: JetStreamContext
+) -> None:
+    host = await host_factory(manifest(), {"fn.py": RECORD})
+    module = module_of(host)
+
+    async def pull_waiting() -> bool:
+        return (await consumer(js)).num_waiting >= 1
+
+    await wait_for(pull_waiting, message="the host's pull request is waiting on the server")
+    await js.publish("in.a", b'{"i": 1}')
+    # Well before the pull request's 30 s expiry.
+    await wait_for(lambda: module.SEEN, timeout=5, message="the message handled")
+    await js.publish("in.a", b'{"i": 2}')
+    await wait_for(lambda: len(module.SEEN) == 2, timeout=5, message="the next one too")
+
+
+# ------------------------------------------------------------ consumer config
+
+
+async def test_the_consumer_on_the_server_matches_the_manifest(
+    host_factory, js: JetStreamContext
+) -> None:
+    text = manifest(
+        trigger=", ack_wait: 7s, max_ack_pending: 12, deliver: new",
+        concurrency="6",
+        retry="{max_deliver: 4, backoff: [1s, 2s]}",
+    ).replace("subjects: [in.a]", "subjects: [in.a, in.b]")
+    text += "  plain:\n    module: fn.py\n    trigger: {stream: IN, subjects: [in.c]}\n"
+    text += "    concurrency: 3\n"
+    await host_factory(text, {"fn.py": RECORD})
+
+    config = (await consumer(js, "work")).config
+    assert config.durable_name == "work"
+    assert config.deliver_subject is None, "a pull consumer"
+    assert config.ack_policy == "explicit"
+    assert config.ack_wait == 7.0
+    assert config.max_deliver == 4
+    assert config.max_ack_pending == 12
+    assert sorted(config.filter_subjects or [config.filter_subject]) == ["in.a", "in.b"]
+    assert config.deliver_policy == "new"
+    assert not config.backoff, "BackOff must stay unset: it would replace ack_wait"
+
+    config = (await consumer(js, "plain")).config  # the durable defaults to the function name
+    assert config.ack_wait == 30.0
+    assert config.max_deliver == 5
+    assert config.max_ack_pending == 6, "2 x concurrency"
+    assert (config.filter_subjects or [config.filter_subject]) == ["in.c"]
+    assert config.deliver_policy == "all"
+    assert not config.backoff
+
+
+async def test_starting_a_host_with_a_changed_manifest_updates_the_consumer(
+    host_factory, js: JetStreamContext
+) -> None:
+    await host_factory(manifest(trigger=", ack_wait: 10s"), {"fn.py": RECORD})
+    assert (await consumer(js)).config.ack_wait == 10.0
+
+    await host_factory(
+        manifest(trigger=", ack_wait: 20s", retry="{max_deliver: 7, backoff: [1s]}"),
+        {"fn.py": RECORD},
+    )
+    config = (await consumer(js)).config
+    assert config.ack_wait == 20.0
+    assert config.max_deliver == 7
+
+
+@pytest.mark.slow
+async def test_a_consumer_deleted_on_the_server_is_recreated(
+    host_factory, js: JetStreamContext
+) -> None:
+    host = await host_factory(manifest(trigger=", ack_wait: 9s"), {"fn.py": RECORD})
+    module = module_of(host)
+    await js.publish("in.a", b'{"i": 1}')
+    await wait_for(lambda: module.SEEN, message="the first message handled")
+    await settled(js, total=1)
+
+    await js.delete_consumer("IN", "work")
+    await js.publish("in.a", b'{"i": 2}')  # stored while no consumer exists
+
+    # Re-created within two idle-heartbeat windows (2 x 5 s).
+    info = await wait_for(
+        lambda: consumer(js),
+        timeout=15,
+        ignore=(nats.js.errors.NotFoundError,),
+        message="consumer re-created",
+    )
+    assert info.config.ack_wait == 9.0, "re-created from the manifest"
+    await wait_for(lambda: len(module.SEEN) >= 2, timeout=15, message="messages flow again")
+    await js.publish("in.a", b'{"i": 3}')
+    await wait_for(lambda: len(module.SEEN) >= 3, timeout=10, message="and keep flowing")
+    assert [i for i, *_ in module.SEEN] == [1, 2, 3]
+
+
+# --------------------------------------------------------------- long handlers
+
+LONG = """\
+    import asyncio
+
+    ATTEMPTS = []
+    DONE = []
+
+
+    async def handle(data: dict, ctx) -> None:
+        ATTEMPTS.append(ctx.attempt)
+        if ctx.attempt == 1:
+            # 2.5 s of work that does not give way to cancellation (like a blocking call).
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.5
+            while loop.time() < end:
+                try:
+                    await asyncio.sleep(end - loop.time())
+                except asyncio.CancelledError:
+                    pass
+        DONE.append(ctx.attempt)
+"""
+
+
+@pytest.mark.slow
+async def test_progress_pings_keep_a_long_handler_from_being_redelivered(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(
+        manifest(trigger=", ack_wait: 1s", timeout="5s", concurrency="2"), {"fn.py": LONG}
+    )
+    module = module_of(host)
+    await js.publish("in.a", b"{}")
+
+    await wait_for(lambda: module.DONE, timeout=10, message="the long handler finished")
+    await settled(js, total=1)
+    assert module.ATTEMPTS == [1], "redelivered while it ran"
+    assert (await consumer(js)).num_redelivered == 0
+    assert acks.count("+WPI") >= 2
+    assert acks.settled() == ["+ACK"]
+
+
+@pytest.mark.slow
+async def test_without_progress_pings_a_long_handler_is_redelivered(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    """The control for the test above: the same handler, pings off."""
+    host = await host_factory(
+        manifest(
+            trigger=", ack_wait: 1s", timeout="900ms", concurrency="2", progress_pings="false"
+        ),
+        {"fn.py": LONG},
+    )
+    module = module_of(host)
+    await js.publish("in.a", b"{}")
+
+    await wait_for(lambda: 2 in module.ATTEMPTS, timeout=10, message="redelivered")
+    await wait_for(lambda: len(module.DONE) >= 2, timeout=10, message="both attempts ended")
+    assert acks.count("+WPI") == 0

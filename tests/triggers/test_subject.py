@@ -1,0 +1,147 @@
+"""fnhost.triggers.subject: core-subject functions (fire and forget) on a real nats-server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from fnhost.host import Host
+from fnhost_sdk.server import NatsServer
+from fnhost_sdk.testing import wait_for
+
+pytestmark = pytest.mark.nats
+
+COUNT = 60
+
+RECORDING = """\
+    SEEN = []
+
+
+    async def handle(data: dict) -> None:
+        SEEN.append(data["i"])
+"""
+
+
+def manifest(queue: str = "") -> str:
+    return f"""\
+        version: 1
+        http: false
+        functions:
+          notify:
+            module: fn.py
+            trigger: {{subject: "events.happened"{queue}}}
+        """
+
+
+@pytest.fixture
+def run_host(host_factory):
+    """``host_factory``, then round trips on the host's connection, so that the server
+    has registered its subscriptions before the test publishes (core NATS keeps nothing
+    for a subscriber that is not there yet).
+
+    Twice: nats-py 2.16's ``flush()`` writes its PING straight to the socket, ahead of
+    commands still in the client's buffer; the first round trip lets the flusher run.
+    """
+
+    async def go(*args: Any, **kwargs: Any) -> Host:
+        host = await host_factory(*args, **kwargs)
+        await host.nc.flush()
+        await host.nc.flush()
+        return host
+
+    return go
+
+
+def seen(host: Host) -> list[int]:
+    runtime = host.functions["notify"].runtime
+    assert runtime is not None, host.functions["notify"].error
+    return runtime.loaded.module.SEEN  # type: ignore[no-any-return]
+
+
+def subscriptions(server: NatsServer, subject: str) -> list[dict[str, Any]]:
+    listing = server.monitor("subsz?subs=1&limit=4096")["subscriptions_list"]
+    return [sub for sub in listing if sub["subject"] == subject]
+
+
+async def publish_all(nc: NatsClient, count: int = COUNT) -> None:
+    for i in range(count):
+        await nc.publish("events.happened", json.dumps({"i": i}).encode())
+    await nc.flush()
+
+
+async def test_hosts_share_messages_in_the_default_queue_group(
+    run_host, nc: NatsClient, nats_server: NatsServer
+) -> None:
+    host_a = await run_host(manifest(), {"fn.py": RECORDING})
+    host_b = await run_host(manifest(), {"fn.py": RECORDING})
+    subs = subscriptions(nats_server, "events.happened")
+    assert [sub.get("qgroup") for sub in subs] == ["notify", "notify"]
+
+    await publish_all(nc)
+
+    await wait_for(
+        lambda: len(seen(host_a)) + len(seen(host_b)) >= COUNT,
+        message=f"{COUNT} messages handled",
+    )
+    assert sorted(seen(host_a) + seen(host_b)) == list(range(COUNT)), "each handled once"
+    assert seen(host_a) and seen(host_b), "both hosts took part"
+    # The server delivered each message to exactly one member of the group.
+    assert sum(sub["msgs"] for sub in subscriptions(nats_server, "events.happened")) == COUNT
+
+
+async def test_queue_null_broadcasts_to_every_host(
+    run_host, nc: NatsClient, nats_server: NatsServer
+) -> None:
+    host_a = await run_host(manifest(", queue: null"), {"fn.py": RECORDING})
+    host_b = await run_host(manifest(", queue: null"), {"fn.py": RECORDING})
+    subs = subscriptions(nats_server, "events.happened")
+    assert len(subs) == 2
+    assert all("qgroup" not in sub for sub in subs), subs
+
+    await publish_all(nc)
+
+    await wait_for(
+        lambda: len(seen(host_a)) >= COUNT and len(seen(host_b)) >= COUNT,
+        message=f"{COUNT} messages handled by each host",
+    )
+    assert sorted(seen(host_a)) == list(range(COUNT))
+    assert sorted(seen(host_b)) == list(range(COUNT))
+
+
+async def test_a_custom_queue_group_is_used(run_host, nats_server: NatsServer) -> None:
+    await run_host(manifest(", queue: workers"), {"fn.py": RECORDING})
+    assert [sub.get("qgroup") for sub in subscriptions(nats_server, "events.happened")] == [
+        "workers"
+    ]
+
+
+FLAKY = """\
+    SEEN = []
+    DONE = []
+
+
+    async def handle(data: dict) -> None:
+        SEEN.append(data["i"])
+        if data["i"] % 2:
+            raise ValueError(f"odd {data['i']}")
+        DONE.append(data["i"])
+"""
+
+
+async def test_a_raising_handler_does_not_stop_later_messages(run_host, nc: NatsClient) -> None:
+    host = await run_host(manifest(), {"fn.py": FLAKY})
+    module = host.functions["notify"].runtime.loaded.module  # type: ignore[union-attr]
+
+    await publish_all(nc, 20)
+
+    await wait_for(lambda: len(module.SEEN) >= 20, message="all 20 messages reached the handler")
+    assert sorted(module.SEEN) == list(range(20))
+    assert sorted(module.DONE) == list(range(0, 20, 2))
+    assert host.functions["notify"].status == "running"
+
+    # And the function still works afterwards.
+    await nc.publish("events.happened", b'{"i": 100}')
+    await wait_for(lambda: 100 in module.DONE, message="a later message handled")
