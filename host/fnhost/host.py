@@ -23,6 +23,7 @@ from fnhost import provision
 from fnhost.connection import connect
 from fnhost.embedded import EmbeddedNats
 from fnhost.errors import FnhostError, LoadError
+from fnhost.http import HttpServer
 from fnhost.invocation import build_endpoint, compose
 from fnhost.loader import load_function
 from fnhost.manifest import FunctionSpec, Manifest
@@ -84,6 +85,8 @@ class Host:
         }
         self.embedded: EmbeddedNats | None = None
         self.url: str | None = None
+        self.http: HttpServer | None = None
+        self.http_url: str | None = None
         self.ready = False
         self.draining = False
         self.metrics = HostMetrics()
@@ -98,9 +101,9 @@ class Host:
         self._stop = asyncio.Event()
 
     @property
-    def is_ready(self) -> bool:
-        """Started, connected, not draining, and no component reports a problem."""
-        return self.ready and not self.problems and self._nc is not None and self._nc.is_connected
+    def connected(self) -> bool:
+        """Whether the NATS connection is up right now."""
+        return self._nc is not None and self._nc.is_connected
 
     @property
     def nc(self) -> NatsClient:
@@ -119,7 +122,11 @@ class Host:
         return self._session
 
     async def start(self) -> None:
-        """Connect, provision, load every function and start its trigger."""
+        """Serve HTTP, connect, provision, load every function and start its trigger."""
+        if self.manifest.http is not None:
+            self.http = HttpServer(self, self.manifest.http)
+            self.http_url = await self.http.start()
+            log.info("HTTP on %s (status page, /healthz, /readyz, /metrics)", self.http_url)
         servers = await self._servers()
         self._nc = await connect(
             self.manifest.nats,
@@ -304,6 +311,8 @@ class Host:
                 state.executor.shutdown(wait=False, cancel_futures=True)
         if self.embedded is not None:
             await self.embedded.stop()
+        if self.http is not None:
+            await self.http.stop()
 
     async def serve(self) -> int:
         """Start, run until SIGTERM/SIGINT (or a lost connection), drain; return the exit code."""

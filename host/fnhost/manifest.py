@@ -156,11 +156,27 @@ class NatsConfig(_Model):
         return self.url.strip() == "embedded"
 
 
+class GatewayConfig(_Model):
+    """``POST /invoke/{function}`` for request functions; off unless enabled, bearer-token only."""
+
+    enabled: bool = False
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _token(self) -> GatewayConfig:
+        if self.enabled and not self.token:
+            _check(
+                [(("token",), "the gateway needs a bearer token (e.g. ${FNHOST_GATEWAY_TOKEN})")]
+            )
+        return self
+
+
 class HttpConfig(_Model):
     """The HTTP server (health, metrics, status); ``port: 0`` picks a free port."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    gateway: GatewayConfig = GatewayConfig()
 
 
 class LoggingConfig(_Model):

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.samples import Sample
 
 from fnhost.manifest import FunctionSpec
@@ -36,6 +42,9 @@ log = logging.getLogger("fnhost.metrics")
 OUTCOMES = ("ack", "nak", "term", "dead_letter", "duplicate", "reply", "error")
 PENDING_REFRESH = 5.0
 """Seconds between consumer-info refreshes of the pending gauges."""
+
+# The *_created series double every counter for no use of ours (process-wide switch).
+disable_created_metrics()
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

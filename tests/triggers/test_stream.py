@@ -64,7 +64,8 @@ class AckLog:
         self.bodies: list[str] = []
 
     async def on_ack(self, msg: Msg) -> None:
-        self.bodies.append(msg.data.decode())
+        # nats-py's plain ack() sends an empty body, which the server reads as +ACK.
+        self.bodies.append(msg.data.decode() or "+ACK")
 
     def count(self, prefix: str) -> int:
         return sum(body.startswith(prefix) for body in self.bodies)

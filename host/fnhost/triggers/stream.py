@@ -32,6 +32,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from fnhost.dlq import dead_letter_headers
 from fnhost.invocation import outcome_for_error
 from fnhost.logs import current_invocation
 from fnhost.triggers import FunctionRuntime, Trigger
@@ -292,18 +293,15 @@ class StreamTrigger(Trigger):
             )
             await msg.term()
             return
-        headers = dict(inv.headers) if inv.headers else {}
-        headers.update(
-            {
-                h.ORIGINAL_SUBJECT: inv.subject,
-                h.FUNCTION: self.name,
-                h.STREAM: self.stream,
-                h.STREAM_SEQ: str(inv.sequence),
-                h.ATTEMPTS: str(inv.attempt),
-                h.ERROR: f"{outcome.error_type}: {outcome.reason}",
-                # One copy per stream message, whoever stores it (this host or the advisory path).
-                h.MSG_ID: dead_letter_id(self.stream, inv.sequence),
-            }
+        # The same copy, id included, as the advisory path stores: one per stream message.
+        headers = dead_letter_headers(
+            inv.headers,
+            subject=inv.subject,
+            function=self.name,
+            stream=self.stream,
+            sequence=inv.sequence,
+            attempts=inv.attempt,
+            error=f"{outcome.error_type}: {outcome.reason}",
         )
         try:
             await inv.session.publish_durable(spec.dead_letter, inv.data, headers)
@@ -355,8 +353,3 @@ def delivery_of(reply: str) -> tuple[int, int]:
     if len(tokens) == 9:
         return int(tokens[4]), int(tokens[5])
     return int(tokens[6]), int(tokens[7])
-
-
-def dead_letter_id(stream: str, sequence: int | None) -> str:
-    """The message id of a stream message's dead-letter copy: one per message, dedup-safe."""
-    return f"dlq:{stream}:{sequence}"

@@ -1,0 +1,474 @@
+"""Dead letters: the copy's headers, the max-deliveries advisory watcher, and the
+read / replay / purge helpers behind ``fnhost dlq``. The user guide is docs/dlq.md.
+
+A stream message is dead-lettered on one of two paths, and both store the same
+copy under the same ``Nats-Msg-Id`` (``dlq:<stream>:<seq>``), so when both
+happen the DLQ stream's duplicate window keeps one:
+
+1. The stream trigger: ``Reject``, an undecodable payload or the last allowed
+   attempt -> copy, then term (:mod:`fnhost.triggers.stream`).
+2. The advisory watcher (this module): a message that reached ``max_deliver``
+   without being settled (the host died during the last attempt, or the
+   trigger could not store the copy and nak'ed) makes JetStream publish
+   ``$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>``.
+   Advisories are core NATS (at-most-once), so the stream ``FNHOST_ADVISORIES``
+   stores them even while no host runs; the watcher fetches the original by
+   sequence, stores the copy, and acks the advisory only after the PubAck.
+
+Who processes which advisory: one durable consumer per watched function
+consumer (:func:`watcher_consumer_name`), filtered on exactly that consumer's
+advisory subject. Every host whose manifest dead-letters that function shares
+it (one host handles each advisory), and a host never sees, let alone acks, the
+advisories of another manifest's functions on the same server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    RawStreamMsg,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from fnhost.manifest import FunctionSpec, Manifest
+from fnhost_sdk import headers as h
+from fnhost_sdk.session import PublishError, Session
+
+log = logging.getLogger("fnhost.dlq")
+
+ORIGINAL_MSG_ID = "Fnhost-Original-Msg-Id"
+"""The original ``Nats-Msg-Id``: the copy needs its own id for dedup, and replay derives from it."""
+
+ADVISORY_STREAM = "FNHOST_ADVISORIES"
+ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+ADVISORY_MAX_AGE = 7 * 86400.0
+"""Seconds an advisory waits for a host: a week of downtime before a crash's message is lost."""
+
+ADVISORY_ACK_WAIT = 60.0
+"""Well above one advisory's work: a message get plus a publish with its deadline."""
+
+ADVISORY_PUBLISH_DEADLINE = 5.0
+"""Seconds the watcher retries one dead-letter publish. Short, because the advisory
+itself is stored: a nak with back-off retries it without holding up the others."""
+
+ADVISORY_RETRY = (1.0, 60.0)
+"""First and longest nak delay of an advisory that could not be handled (doubling)."""
+
+FETCH_WAIT = 5.0
+"""Seconds one pull for advisories waits on the server."""
+
+# Directives to JetStream on the original publish, not message content. On the
+# copy they would act on the DLQ stream: ``Nats-Rollup`` would purge every
+# earlier dead letter, ``Nats-Expected-*`` would make the copy fail forever,
+# ``Nats-TTL`` would expire it. ``Nats-Msg-Id`` is kept as ORIGINAL_MSG_ID.
+_DIRECTIVES = frozenset({"nats-msg-id", "nats-rollup", "nats-ttl"})
+_DIRECTIVE_PREFIXES = ("nats-expected-", "nats-schedule")
+
+
+def dead_letter_id(stream: str, sequence: int | None) -> str:
+    """The message id of a stream message's dead-letter copy: one per message, dedup-safe."""
+    return f"dlq:{stream}:{sequence}"
+
+
+def _is_directive(name: str) -> bool:
+    lower = name.lower()
+    return lower in _DIRECTIVES or lower.startswith(_DIRECTIVE_PREFIXES)
+
+
+def dead_letter_headers(
+    original: Mapping[str, str] | None,
+    *,
+    subject: str,
+    function: str,
+    stream: str,
+    sequence: int | None,
+    attempts: int,
+    error: str,
+) -> dict[str, str]:
+    """The headers of a dead-letter copy: the original's, plus the ``Fnhost-*`` ones.
+
+    ``error`` is ``"<type>: <reason>"`` on one line (header values cannot hold breaks).
+    """
+    headers = {k: v for k, v in (original or {}).items() if not _is_directive(k)}
+    if original and (message_id := original.get(h.MSG_ID)):
+        headers[ORIGINAL_MSG_ID] = message_id
+    headers[h.ORIGINAL_SUBJECT] = subject
+    headers[h.FUNCTION] = function
+    headers[h.STREAM] = stream
+    headers[h.STREAM_SEQ] = str(sequence)
+    headers[h.ATTEMPTS] = str(attempts)
+    headers[h.ERROR] = error
+    headers[h.MSG_ID] = dead_letter_id(stream, sequence)
+    return headers
+
+
+# --- the max-deliveries advisory watcher --------------------------------------
+
+
+def advisory_subject(stream: str, consumer: str) -> str:
+    return f"{ADVISORY_PREFIX}.{stream}.{consumer}"
+
+
+def watcher_consumer_name(stream: str, consumer: str) -> str:
+    """``fnhost-dlq-<stream>-<consumer>-<hash>``: readable, and the hash keeps
+    ``A-B``/``C`` and ``A``/``B-C`` apart."""
+    digest = hashlib.sha256(f"{stream}.{consumer}".encode()).hexdigest()[:8]
+    return f"fnhost-dlq-{stream}-{consumer}-{digest}"
+
+
+async def ensure_advisory_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create ``FNHOST_ADVISORIES`` if missing; raise its replicas to ``replicas``, never lower
+    (hosts of several manifests share it)."""
+    try:
+        info = await js.stream_info(ADVISORY_STREAM)
+    except NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=ADVISORY_STREAM,
+                subjects=[f"{ADVISORY_PREFIX}.>"],
+                storage=StorageType.FILE,
+                max_age=ADVISORY_MAX_AGE,
+                num_replicas=replicas,
+            )
+        )
+        log.info("created stream %s for max-deliveries advisories", ADVISORY_STREAM)
+        return
+    if (info.config.num_replicas or 1) < replicas:
+        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+        log.info("stream %s: replicas raised to %d", ADVISORY_STREAM, replicas)
+
+
+def watcher_consumer_config(stream: str, consumer: str) -> ConsumerConfig:
+    """The shared durable that delivers one function consumer's advisories.
+
+    ``max_deliver`` is unlimited: an advisory is given up only by an ack, never
+    by the server. No ``inactive_threshold``: a re-created consumer would
+    deliver every stored advisory again, including handled ones.
+    """
+    name = watcher_consumer_name(stream, consumer)
+    return ConsumerConfig(
+        name=name,
+        durable_name=name,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ADVISORY_ACK_WAIT,
+        max_deliver=-1,
+        max_ack_pending=256,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=advisory_subject(stream, consumer),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One function whose consumer's advisories this host handles."""
+
+    spec: FunctionSpec
+    stream: str
+    consumer: str
+    dead_letter: str
+
+
+def watched_functions(manifest: Manifest) -> list[_Target]:
+    """The manifest's stream functions that have a ``dead_letter``."""
+    targets = []
+    for spec in manifest.functions.values():
+        trigger = spec.trigger
+        if trigger.stream and trigger.durable_name and spec.dead_letter:
+            targets.append(_Target(spec, trigger.stream, trigger.durable_name, spec.dead_letter))
+    return targets
+
+
+class AdvisoryWatcher:
+    """Copies messages that hit ``max_deliver`` unsettled to their function's dead letter."""
+
+    def __init__(self, nc: NatsClient, manifest: Manifest) -> None:
+        self.targets = watched_functions(manifest)
+        self._session = Session(nc, publish_deadline=ADVISORY_PUBLISH_DEADLINE)
+        self._js = self._session.js
+        dlq_streams = {manifest.stream_for_subject(t.dead_letter) for t in self.targets}
+        # As durable as the dead letters it protects.
+        self._replicas = max(
+            (manifest.streams[s].replicas for s in dlq_streams if s in manifest.streams), default=1
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Provision the advisory stream and consumers, then watch each in its own task.
+
+        Provisioning happens before the triggers start, so no advisory is
+        published while its stream is missing. A failure is logged, not raised:
+        the host still serves, and each task keeps trying.
+        """
+        provisioned = True
+        for target in self.targets:
+            try:
+                await self._provision(target)
+            except nats.errors.Error as exc:
+                log.error("max-deliveries advisories not watched yet (will retry): %s", exc)
+                provisioned = False
+                break
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._watch(t, provisioned), name=f"fnhost-dlq-{t.spec.name}")
+            for t in self.targets
+        ]
+
+    async def stop(self) -> None:
+        """Stop watching. An advisory cut off mid-way is redelivered; its copy dedups."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _provision(self, target: _Target) -> None:
+        await ensure_advisory_stream(self._js, self._replicas)
+        config = watcher_consumer_config(target.stream, target.consumer)
+        await self._js.add_consumer(ADVISORY_STREAM, config)
+
+    async def _watch(self, target: _Target, provisioned: bool) -> None:
+        name = watcher_consumer_name(target.stream, target.consumer)
+        sub: JetStreamContext.PullSubscription | None = None
+        while True:
+            try:
+                if not provisioned:
+                    await self._provision(target)
+                    provisioned = True
+                if sub is None:
+                    sub = await self._js.pull_subscribe_bind(name, ADVISORY_STREAM)
+                # One at a time: nats-py holds a batch's first message until the batch fills.
+                msgs = await sub.fetch(1, timeout=FETCH_WAIT)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            except nats.errors.Error as exc:
+                # Deleted consumer or stream, lost server...: re-provision after a real pause.
+                log.warning("watching advisories for %s: %s", target.spec.name, exc)
+                if sub is not None:
+                    with contextlib.suppress(nats.errors.Error):
+                        await sub.unsubscribe()
+                    sub = None
+                provisioned = False
+                await asyncio.sleep(ADVISORY_RETRY[0])
+                continue
+            for msg in msgs:
+                await self.handle(target, msg)
+
+    async def handle(self, target: _Target, msg: Msg) -> None:
+        """Settle one advisory: ack once the copy is stored (or cannot ever be), else nak."""
+        try:
+            advisory = json.loads(msg.data)
+            stream, consumer = advisory["stream"], advisory["consumer"]
+            seq, deliveries = int(advisory["stream_seq"]), int(advisory["deliveries"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("ignoring a malformed advisory on %s: %s", msg.subject, exc)
+            await msg.ack()
+            return
+        if (stream, consumer) != (target.stream, target.consumer):
+            await msg.ack()  # not this consumer's (the filter should make this impossible)
+            return
+        where = f"{stream}/{seq}"
+        try:
+            original = await self._js.get_msg(stream, seq)
+        except NotFoundError:
+            log.error(
+                "function %s: %s hit max deliveries (%d) but is gone from the stream "
+                "(max_age or purged); cannot dead-letter it",
+                target.spec.name,
+                where,
+                deliveries,
+            )
+            await msg.ack()
+            return
+        except nats.errors.Error as exc:
+            await self._retry_later(msg, f"cannot read {where}: {exc}")
+            return
+        error = (
+            f"MaxDeliveries: delivered {deliveries} times without being settled; the host "
+            "likely crashed during the last attempt or could not store the dead letter"
+        )
+        headers = dead_letter_headers(
+            original.headers,
+            subject=original.subject or "",
+            function=target.spec.name,
+            stream=stream,
+            sequence=seq,
+            attempts=deliveries,
+            error=error,
+        )
+        try:
+            ack = await self._session.publish_durable(
+                target.dead_letter, original.data or b"", headers
+            )
+        except (PublishError, nats.errors.Error) as exc:
+            await self._retry_later(msg, f"dead letter for {where} not stored: {exc}")
+            return
+        if ack.duplicate:
+            log.info("function %s: %s was already dead-lettered", target.spec.name, where)
+        else:
+            log.error(
+                "function %s: %s dead-lettered to %s after %d deliveries (max-deliveries advisory)",
+                target.spec.name,
+                where,
+                target.dead_letter,
+                deliveries,
+            )
+        await msg.ack()
+
+    async def _retry_later(self, msg: Msg, why: str) -> None:
+        first, most = ADVISORY_RETRY
+        delay = min(most, first * 2 ** (msg.metadata.num_delivered - 1))
+        log.warning("%s; retrying in %gs", why, delay)
+        with contextlib.suppress(nats.errors.Error):  # unsettled, it comes back after ack_wait
+            await msg.nak(delay)
+
+
+# --- reading, replaying, purging (fnhost dlq) ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """One message in a DLQ stream."""
+
+    stream: str
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    time: datetime | None
+
+    @classmethod
+    def from_raw(cls, stream: str, raw: RawStreamMsg) -> DeadLetterRecord:
+        return cls(
+            stream,
+            raw.seq or 0,
+            raw.subject or "",
+            raw.data or b"",
+            {k: str(v) for k, v in (raw.headers or {}).items()},
+            raw.time,
+        )
+
+    @property
+    def function(self) -> str:
+        return self.headers.get(h.FUNCTION, "")
+
+    @property
+    def original_subject(self) -> str | None:
+        return self.headers.get(h.ORIGINAL_SUBJECT)
+
+    @property
+    def attempts(self) -> str:
+        return self.headers.get(h.ATTEMPTS, "")
+
+    @property
+    def error(self) -> str:
+        return self.headers.get(h.ERROR, "")
+
+
+def dead_letter_streams(manifest: Manifest) -> dict[str, set[str]]:
+    """DLQ stream -> the dead-letter subjects of the manifest's functions it captures."""
+    streams: dict[str, set[str]] = {}
+    for spec in manifest.functions.values():
+        if spec.dead_letter and (stream := manifest.stream_for_subject(spec.dead_letter)):
+            streams.setdefault(stream, set()).add(spec.dead_letter)
+    return streams
+
+
+async def iter_dead_letters(
+    js: JetStreamContext, stream: str, subjects: Collection[str], function: str | None = None
+) -> AsyncIterator[DeadLetterRecord]:
+    """The dead letters on ``subjects`` in ``stream``, oldest first; read by message get,
+    which moves no consumer and acks nothing."""
+    wanted = next(iter(subjects)) if len(subjects) == 1 else ">"
+    seq = 1
+    while True:
+        try:
+            raw = await js.get_msg(stream, seq=seq, subject=wanted, next=True)
+        except NotFoundError:
+            return
+        seq = (raw.seq or seq) + 1
+        record = DeadLetterRecord.from_raw(stream, raw)
+        if record.subject in subjects and function in (None, record.function):
+            yield record
+
+
+async def get_dead_letter(js: JetStreamContext, stream: str, seq: int) -> DeadLetterRecord | None:
+    """The message at ``seq`` in ``stream``, or None."""
+    try:
+        return DeadLetterRecord.from_raw(stream, await js.get_msg(stream, seq))
+    except NotFoundError:
+        return None
+
+
+class ReplayError(Exception):
+    """A dead letter that cannot be replayed (the reason is the message)."""
+
+
+def replay_headers(record: DeadLetterRecord) -> dict[str, str]:
+    """The original headers back (no ``Fnhost-*``), ``Fnhost-Replayed`` and a new message id.
+
+    The id is new so the original stream's duplicate window does not drop the
+    replay, and deterministic so replaying the same dead letter twice stores one.
+    """
+    headers = {k: v for k, v in record.headers.items() if not k.lower().startswith("fnhost-")}
+    origin = record.headers.get(ORIGINAL_MSG_ID) or (
+        f"{record.headers.get(h.STREAM, '')}:{record.headers.get(h.STREAM_SEQ, '')}"
+    )
+    headers[h.MSG_ID] = f"{origin}:replay:{record.seq}"
+    headers[h.REPLAYED] = f"{record.stream}:{record.seq}"
+    return headers
+
+
+async def replay(session: Session, record: DeadLetterRecord) -> PubAck:
+    """Publish ``record`` to its original subject, wait for the PubAck, then delete it
+    from the DLQ. Raises :class:`ReplayError` or :class:`PublishError`."""
+    target = record.original_subject
+    if not target:
+        raise ReplayError(f"{record.stream}/{record.seq} has no {h.ORIGINAL_SUBJECT} header")
+    ack = await session.publish_durable(target, record.data, replay_headers(record))
+    try:
+        await session.js.delete_msg(record.stream, record.seq)
+    except NotFoundError:
+        pass  # deleted meanwhile (a concurrent replay or purge): the goal is reached
+    return ack
+
+
+async def purge(
+    js: JetStreamContext, stream: str, subjects: Collection[str], function: str | None = None
+) -> int:
+    """Delete the dead letters on ``subjects`` (only ``function``'s when given); return how many.
+
+    A whole subject goes in one purge; one function's letters go one by one,
+    since functions may share a dead-letter subject.
+    """
+    if function is not None:
+        records = [r async for r in iter_dead_letters(js, stream, subjects, function)]
+        for record in records:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_msg(stream, record.seq)
+        return len(records)
+    purged = 0
+    for subject in subjects:
+        info = await js.stream_info(stream, subjects_filter=subject)
+        purged += (info.state.subjects or {}).get(subject, 0)
+        await js.purge_stream(stream, subject=subject)
+    return purged
