@@ -1,4 +1,8 @@
-"""The handlers ``fn.yaml`` runs: the same work as ``raw_nats.py`` and ``faststream_app.py``."""
+"""The handlers ``fn.yaml`` runs: the same work as ``raw_nats.py`` and ``faststream_app.py``.
+
+Annotated with bare ``dict``, the plain JSON path of the host's codec, as a
+handler author writes it.
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -186,8 +185,3 @@ class NatsServer:
 
     async def stop(self) -> None:
         await self.process.stop()
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The driver's environment plus ``extra``, for a child process."""
-    return {**os.environ, **extra}

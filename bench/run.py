@@ -57,7 +57,6 @@ from harness import (
     NatsServer,
     Process,
     ProcessFailed,
-    child_env,
     default_loop,
 )
 
@@ -74,6 +73,11 @@ STARTUP_TIMEOUT = 30.0
 STALL_TIMEOUT = 30.0
 # Only how soon the driver notices the end; the timing itself comes from the server.
 POLL_INTERVAL = 0.1
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The driver's environment plus ``extra``, for a child process."""
+    return {**os.environ, **extra}
 
 
 def host_env() -> dict[str, str]:

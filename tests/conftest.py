@@ -34,9 +34,7 @@ def write_project(root: Path, manifest: str, files: Mapping[str, str]) -> Path:
 
 
 @pytest.fixture
-async def host_factory(
-    nats_server: NatsServer, tmp_path: Path
-) -> AsyncIterator[HostFactory]:
+async def host_factory(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[HostFactory]:
     """Start hosts from manifest text; every host is drained at teardown."""
     hosts: list[Host] = []
 

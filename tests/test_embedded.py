@@ -23,9 +23,9 @@ from fnhost_sdk.server import (
     find_nats_servers,
     free_port,
     port_is_free,
-    wait_for,
 )
 from fnhost_sdk.testing import assert_no_stray_servers
+from fnhost_sdk.waiting import wait_for
 
 pytestmark = pytest.mark.nats
 

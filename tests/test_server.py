@@ -18,18 +18,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 import fnhost_sdk.server
+from fnhost_sdk.cluster import NatsCluster
 from fnhost_sdk.server import (
-    NatsCluster,
     NatsServer,
     NatsServerError,
     find_nats_servers,
     free_port,
     nats_server_binary,
     port_is_free,
-    wait_for,
-    wait_for_sync,
 )
 from fnhost_sdk.testing import NatsServerFactory, assert_no_stray_servers
+from fnhost_sdk.waiting import wait_for, wait_for_sync
 
 SDK_DIR = Path(fnhost_sdk.server.__file__).resolve().parents[1]
 

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fnhost.cli_dlq import dlq_app
 from fnhost.errors import ConfigError, FnhostError, LoadError, ManifestError
 from fnhost.manifest import Manifest, load_manifest
 from fnhost_sdk import headers as h
@@ -38,6 +39,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+app.add_typer(dlq_app, name="dlq")
 
 ManifestArg = Annotated[Path, typer.Argument(help="The manifest.", show_default=True)]
 NatsOption = Annotated[

@@ -74,6 +74,9 @@ ADVISORY_RETRY = (1.0, 60.0)
 """First and longest nak delay of an advisory that could not be handled (doubling)."""
 
 FETCH_WAIT = 5.0
+
+NO_MESSAGE_FOUND = 10037
+"""JetStream's error code for a message get past the last match (vs. a missing stream)."""
 """Seconds one pull for advisories waits on the server."""
 
 # Directives to JetStream on the original publish, not message content. On the
@@ -403,8 +406,10 @@ async def iter_dead_letters(
     while True:
         try:
             raw = await js.get_msg(stream, seq=seq, subject=wanted, next=True)
-        except NotFoundError:
-            return
+        except NotFoundError as exc:
+            if exc.err_code == NO_MESSAGE_FOUND:
+                return
+            raise  # the stream itself is missing: say so rather than list nothing
         seq = (raw.seq or seq) + 1
         record = DeadLetterRecord.from_raw(stream, raw)
         if record.subject in subjects and function in (None, record.function):

@@ -42,8 +42,8 @@ from fnhost_sdk.server import (
     NatsServerError,
     find_nats_servers,
     port_is_free,
-    wait_for_sync,
 )
+from fnhost_sdk.waiting import wait_for_sync
 
 __all__ = ["DEFAULT_PORT", "EmbeddedNats", "EmbeddedNatsError", "discover_url"]
 

@@ -44,7 +44,7 @@ PENDING_REFRESH = 5.0
 """Seconds between consumer-info refreshes of the pending gauges."""
 
 # The *_created series double every counter for no use of ours (process-wide switch).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

@@ -48,13 +48,9 @@ from pathlib import Path
 
 import pytest
 
-from fnhost_sdk.server import (
-    NatsCluster,
-    NatsServer,
-    find_nats_servers,
-    wait_for,
-    wait_for_sync,
-)
+from fnhost_sdk.cluster import NatsCluster
+from fnhost_sdk.server import NatsServer, find_nats_servers
+from fnhost_sdk.waiting import wait_for, wait_for_sync
 
 __all__ = [
     "NatsCluster",

@@ -279,7 +279,9 @@ async def test_sdk_client_raises_service_error_with_the_code(run_host, nats_url)
             await client.request("err.retry", {})
         assert raised.value.code == 503
 
-        answer = await client.request("err.typed", {"customer_id": "c9", "total": 1.5}, returns=dict)
+        answer = await client.request(
+            "err.typed", {"customer_id": "c9", "total": 1.5}, returns=dict
+        )
         assert answer == {"customer": "c9"}
     finally:
         await client.close()

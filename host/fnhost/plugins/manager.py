@@ -34,6 +34,7 @@ BUILTIN_PLUGINS = (
     "fnhost.plugins.metrics",
     "fnhost.plugins.logging",
     "fnhost.plugins.tracing",
+    "fnhost.plugins.deadletter",
 )
 
 
