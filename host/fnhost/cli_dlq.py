@@ -32,6 +32,7 @@ from fnhost import dlq
 from fnhost.durations import format_duration
 from fnhost.errors import ManifestError
 from fnhost.manifest import Manifest, load_manifest
+from fnhost_sdk import headers as h
 from fnhost_sdk.session import PublishError, Session
 
 T = TypeVar("T")
@@ -88,6 +89,15 @@ class _Scope:
         return next(iter(self.streams.items()))
 
 
+def dead_letter_streams(manifest: Manifest) -> dict[str, set[str]]:
+    """DLQ stream -> the dead-letter subjects of the manifest's functions it captures."""
+    streams: dict[str, set[str]] = {}
+    for spec in manifest.functions.values():
+        if spec.dead_letter and (stream := manifest.stream_for_subject(spec.dead_letter)):
+            streams.setdefault(stream, set()).add(spec.dead_letter)
+    return streams
+
+
 def _load(path: Path) -> Manifest:
     if not path.is_file():
         raise _fail(f"{path} not found: fnhost dlq needs the manifest (--manifest)")
@@ -105,7 +115,7 @@ def _scope(
     from fnhost.cli import client_url  # fnhost.cli imports this module: import it late
 
     manifest = _load(path)
-    streams = dlq.dead_letter_streams(manifest)
+    streams = dead_letter_streams(manifest)
     if function is not None:
         spec = manifest.functions.get(function)
         if spec is None:
@@ -154,9 +164,10 @@ async def _collect(
 
 async def _get(js: JetStreamContext, scope: _Scope, seq: int) -> dlq.DeadLetterRecord:
     stream, subjects = scope.single_stream()
-    record = await dlq.get_dead_letter(js, stream, seq)
-    if record is None:
-        raise _fail(f"no message at sequence {seq} in stream {stream}")
+    try:
+        record = dlq.DeadLetterRecord.from_raw(stream, await js.get_msg(stream, seq))
+    except NotFoundError:
+        raise _fail(f"no message at sequence {seq} in stream {stream}") from None
     if record.subject not in subjects:
         raise _fail(f"{stream}/{seq} is on {record.subject!r}, not a dead-letter subject here")
     return record
@@ -191,7 +202,8 @@ def list_dead_letters(
     table.add_column("age", justify="right")
     for r in records:
         cells = [str(r.seq), *([r.stream] if several else [])]
-        cells += [r.function, r.original_subject or "?", r.attempts, r.error, _age(r)]
+        cells += [r.header(h.FUNCTION), r.header(h.ORIGINAL_SUBJECT), r.header(h.ATTEMPTS)]
+        cells += [r.header(h.ERROR), _age(r)]
         table.add_row(*(Text(cell) for cell in cells))
     out.print(table)
     more = " (--limit reached: there may be more)" if len(records) >= limit else ""

@@ -74,10 +74,10 @@ ADVISORY_RETRY = (1.0, 60.0)
 """First and longest nak delay of an advisory that could not be handled (doubling)."""
 
 FETCH_WAIT = 5.0
+"""Seconds one pull for advisories waits on the server."""
 
 NO_MESSAGE_FOUND = 10037
 """JetStream's error code for a message get past the last match (vs. a missing stream)."""
-"""Seconds one pull for advisories waits on the server."""
 
 # Directives to JetStream on the original publish, not message content. On the
 # copy they would act on the DLQ stream: ``Nats-Rollup`` would purge every
@@ -182,7 +182,7 @@ def watcher_consumer_config(stream: str, consumer: str) -> ConsumerConfig:
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """One function whose consumer's advisories this host handles."""
+    """A stream function with a ``dead_letter``: its consumer's advisories are ours."""
 
     spec: FunctionSpec
     stream: str
@@ -190,21 +190,15 @@ class _Target:
     dead_letter: str
 
 
-def watched_functions(manifest: Manifest) -> list[_Target]:
-    """The manifest's stream functions that have a ``dead_letter``."""
-    targets = []
-    for spec in manifest.functions.values():
-        trigger = spec.trigger
-        if trigger.stream and trigger.durable_name and spec.dead_letter:
-            targets.append(_Target(spec, trigger.stream, trigger.durable_name, spec.dead_letter))
-    return targets
-
-
 class AdvisoryWatcher:
     """Copies messages that hit ``max_deliver`` unsettled to their function's dead letter."""
 
     def __init__(self, nc: NatsClient, manifest: Manifest) -> None:
-        self.targets = watched_functions(manifest)
+        self.targets = [
+            _Target(spec, spec.trigger.stream, spec.trigger.durable_name, spec.dead_letter)
+            for spec in manifest.functions.values()
+            if spec.trigger.stream and spec.trigger.durable_name and spec.dead_letter
+        ]
         self._session = Session(nc, publish_deadline=ADVISORY_PUBLISH_DEADLINE)
         self._js = self._session.js
         dlq_streams = {manifest.stream_for_subject(t.dead_letter) for t in self.targets}
@@ -289,16 +283,12 @@ class AdvisoryWatcher:
         if (stream, consumer) != (target.stream, target.consumer):
             await msg.ack()  # not this consumer's (the filter should make this impossible)
             return
-        where = f"{stream}/{seq}"
+        name, where = target.spec.name, f"{stream}/{seq}"
         try:
             original = await self._js.get_msg(stream, seq)
         except NotFoundError:
             log.error(
-                "function %s: %s hit max deliveries (%d) but is gone from the stream "
-                "(max_age or purged); cannot dead-letter it",
-                target.spec.name,
-                where,
-                deliveries,
+                "function %s: %s hit max deliveries but is gone (max_age, purge)", name, where
             )
             await msg.ack()
             return
@@ -312,7 +302,7 @@ class AdvisoryWatcher:
         headers = dead_letter_headers(
             original.headers,
             subject=original.subject or "",
-            function=target.spec.name,
+            function=name,
             stream=stream,
             sequence=seq,
             attempts=deliveries,
@@ -326,15 +316,9 @@ class AdvisoryWatcher:
             await self._retry_later(msg, f"dead letter for {where} not stored: {exc}")
             return
         if ack.duplicate:
-            log.info("function %s: %s was already dead-lettered", target.spec.name, where)
+            log.info("function %s: %s was already dead-lettered", name, where)
         else:
-            log.error(
-                "function %s: %s dead-lettered to %s after %d deliveries (max-deliveries advisory)",
-                target.spec.name,
-                where,
-                target.dead_letter,
-                deliveries,
-            )
+            log.error("function %s: %s dead-lettered after %d deliveries", name, where, deliveries)
         await msg.ack()
 
     async def _retry_later(self, msg: Msg, why: str) -> None:
@@ -370,30 +354,9 @@ class DeadLetterRecord:
             raw.time,
         )
 
-    @property
-    def function(self) -> str:
-        return self.headers.get(h.FUNCTION, "")
-
-    @property
-    def original_subject(self) -> str | None:
-        return self.headers.get(h.ORIGINAL_SUBJECT)
-
-    @property
-    def attempts(self) -> str:
-        return self.headers.get(h.ATTEMPTS, "")
-
-    @property
-    def error(self) -> str:
-        return self.headers.get(h.ERROR, "")
-
-
-def dead_letter_streams(manifest: Manifest) -> dict[str, set[str]]:
-    """DLQ stream -> the dead-letter subjects of the manifest's functions it captures."""
-    streams: dict[str, set[str]] = {}
-    for spec in manifest.functions.values():
-        if spec.dead_letter and (stream := manifest.stream_for_subject(spec.dead_letter)):
-            streams.setdefault(stream, set()).add(spec.dead_letter)
-    return streams
+    def header(self, name: str) -> str:
+        """A header's value, ``""`` when absent."""
+        return self.headers.get(name, "")
 
 
 async def iter_dead_letters(
@@ -412,16 +375,8 @@ async def iter_dead_letters(
             raise  # the stream itself is missing: say so rather than list nothing
         seq = (raw.seq or seq) + 1
         record = DeadLetterRecord.from_raw(stream, raw)
-        if record.subject in subjects and function in (None, record.function):
+        if record.subject in subjects and function in (None, record.header(h.FUNCTION)):
             yield record
-
-
-async def get_dead_letter(js: JetStreamContext, stream: str, seq: int) -> DeadLetterRecord | None:
-    """The message at ``seq`` in ``stream``, or None."""
-    try:
-        return DeadLetterRecord.from_raw(stream, await js.get_msg(stream, seq))
-    except NotFoundError:
-        return None
 
 
 class ReplayError(Exception):
@@ -435,8 +390,8 @@ def replay_headers(record: DeadLetterRecord) -> dict[str, str]:
     replay, and deterministic so replaying the same dead letter twice stores one.
     """
     headers = {k: v for k, v in record.headers.items() if not k.lower().startswith("fnhost-")}
-    origin = record.headers.get(ORIGINAL_MSG_ID) or (
-        f"{record.headers.get(h.STREAM, '')}:{record.headers.get(h.STREAM_SEQ, '')}"
+    origin = (
+        record.header(ORIGINAL_MSG_ID) or f"{record.header(h.STREAM)}:{record.header(h.STREAM_SEQ)}"
     )
     headers[h.MSG_ID] = f"{origin}:replay:{record.seq}"
     headers[h.REPLAYED] = f"{record.stream}:{record.seq}"
@@ -446,14 +401,13 @@ def replay_headers(record: DeadLetterRecord) -> dict[str, str]:
 async def replay(session: Session, record: DeadLetterRecord) -> PubAck:
     """Publish ``record`` to its original subject, wait for the PubAck, then delete it
     from the DLQ. Raises :class:`ReplayError` or :class:`PublishError`."""
-    target = record.original_subject
+    target = record.header(h.ORIGINAL_SUBJECT)
     if not target:
         raise ReplayError(f"{record.stream}/{record.seq} has no {h.ORIGINAL_SUBJECT} header")
     ack = await session.publish_durable(target, record.data, replay_headers(record))
-    try:
+    # Gone meanwhile (a concurrent replay or purge) is as good as deleted.
+    with contextlib.suppress(NotFoundError):
         await session.js.delete_msg(record.stream, record.seq)
-    except NotFoundError:
-        pass  # deleted meanwhile (a concurrent replay or purge): the goal is reached
     return ack
 
 
