@@ -69,15 +69,22 @@ def test_json_that_does_not_parse_is_a_payload_error_that_says_where(annotation:
 
 
 @pytest.mark.parametrize(
-    ("annotation", "payload"),
-    [(dict, b"[1, 2]"), (dict, b'"text"'), (list, b'{"a": 1}'), (list, b"42")],
+    ("annotation", "payload", "message"),
+    [
+        (dict, b"[1, 2]", "not an object: got an array"),
+        (dict, b'"text"', "not an object: got a string"),
+        (dict, b"null", "not an object: got null"),
+        (list, b'{"a": 1}', "not an array: got an object"),
+        (list, b"42", "not an array: got a number"),
+        (list, b"true", "not an array: got a boolean"),
+    ],
 )
 def test_json_of_the_wrong_shape_for_dict_or_list_is_a_payload_error(
-    annotation: type, payload: bytes
+    annotation: type, payload: bytes, message: str
 ) -> None:
     """A handler annotated ``dict`` must never receive a list: that is bad input (400, or a
     dead letter at first delivery), not a handler crash (500, retried max_deliver times)."""
-    with pytest.raises(PayloadError):
+    with pytest.raises(PayloadError, match=message):
         decoder_for(annotation)(payload)
 
 

@@ -1,8 +1,9 @@
 """Payload codec chosen by type annotation.
 
 A handler's first parameter annotation decides how the incoming bytes are
-decoded: ``bytes`` (as is), ``str`` (UTF-8), ``dict``/``list``/``Any`` or no
-annotation (JSON), a pydantic model or a dataclass (JSON validated into it),
+decoded: ``bytes`` (as is), ``str`` (UTF-8), ``dict`` / ``list`` (a JSON
+object / array; any other JSON is a :class:`PayloadError`), ``Any`` or no
+annotation (any JSON), a pydantic model or a dataclass (JSON validated into it),
 or any other type pydantic can validate from JSON. Return values are encoded by
 their runtime type with the same rules. The decoder is built once per function
 load; per message it is a single call.
@@ -40,14 +41,44 @@ def _decode_json(data: bytes) -> Any:
         raise PayloadError(f"payload is not JSON: {exc}") from exc
 
 
+def _json_of_shape(shape: type[dict[Any, Any]] | type[list[Any]]) -> Decoder:
+    """JSON that must be an object (``dict``) or an array (``list``): a handler never
+    receives the other shape, which is bad input rather than a handler failure."""
+    expected = "an object" if shape is dict else "an array"
+
+    def decode(data: bytes) -> Any:
+        value = _decode_json(data)
+        if type(value) is not shape:
+            raise PayloadError(f"payload is JSON but not {expected}: got {_json_kind(value)}")
+        return value
+
+    return decode
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return "a number"
+
+
 def decoder_for(annotation: Any) -> Decoder:
     """Return the decoder for a parameter annotation (``inspect.Parameter.empty`` = JSON)."""
     if annotation is bytes:
         return _decode_bytes
     if annotation is str:
         return _decode_str
-    if annotation in (inspect.Parameter.empty, Any, dict, list, object):
+    if annotation in (inspect.Parameter.empty, Any, object):
         return _decode_json
+    if annotation is dict or annotation is list:
+        return _json_of_shape(annotation)
     if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
         model = annotation
 
