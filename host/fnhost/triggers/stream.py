@@ -303,6 +303,11 @@ class StreamTrigger(Trigger):
             attempts=inv.attempt,
             error=f"{outcome.error_type}: {outcome.reason}",
         )
+        # The invocation's trace context replaces the original's (the copy is a child of
+        # the failed invocation's span), and the outgoing hooks see it as any publish.
+        headers = inv.session.prepare_headers(
+            spec.dead_letter, None, headers | inv.propagate if inv.propagate else headers
+        )
         try:
             await inv.session.publish_durable(spec.dead_letter, inv.data, headers)
         except PublishError as exc:
