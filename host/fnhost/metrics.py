@@ -162,31 +162,35 @@ class HostMetrics:
         child.inc()
 
     def start_refresher(self, host: Host) -> None:
-        consumers = [
-            (spec.trigger.stream, spec.trigger.durable_name)
-            for spec in host.manifest.functions.values()
-            if spec.trigger.kind == "stream"
-        ]
-        if consumers:
-            self._refresher = asyncio.get_running_loop().create_task(
-                self._refresh(host, consumers), name="fnhost-metrics-pending"
-            )
+        """Refresh the consumer gauges every :data:`PENDING_REFRESH` seconds until stopped."""
+        self._refresher = asyncio.get_running_loop().create_task(
+            self._refresh(host), name="fnhost-metrics-pending"
+        )
 
     async def stop_refresher(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+            self._refresher = None
 
-    async def _refresh(self, host: Host, consumers: list[tuple[str | None, str | None]]) -> None:
+    async def refresh_pending(self, host: Host) -> None:
+        """Read consumer info of every stream function the host runs now, once."""
+        for state in list(host.functions.values()):
+            trigger = state.spec.trigger
+            stream, durable = trigger.stream, trigger.durable_name
+            if trigger.kind != "stream" or stream is None or durable is None:
+                continue
+            try:
+                info = await host.js.consumer_info(stream, durable, timeout=2)
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.debug("consumer info %s/%s: %s", stream, durable, exc)
+                continue
+            self.pending.labels(stream, durable).set(info.num_pending or 0)
+            self.ack_pending.labels(stream, durable).set(info.num_ack_pending or 0)
+
+    async def _refresh(self, host: Host) -> None:
+        # Functions are read each round: a reload or a deploy adds and removes them.
         while True:
-            for stream, durable in consumers:
-                if stream is None or durable is None:
-                    continue
-                try:
-                    info = await host.js.consumer_info(stream, durable, timeout=2)
-                except (nats.errors.Error, nats.js.errors.Error) as exc:
-                    log.debug("consumer info %s/%s: %s", stream, durable, exc)
-                    continue
-                self.pending.labels(stream, durable).set(info.num_pending or 0)
-                self.ack_pending.labels(stream, durable).set(info.num_ack_pending or 0)
+            if host.connected:
+                await self.refresh_pending(host)
             await asyncio.sleep(PENDING_REFRESH)

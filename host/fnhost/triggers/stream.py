@@ -305,11 +305,11 @@ class StreamTrigger(Trigger):
         )
         # The invocation's trace context replaces the original's (the copy is a child of
         # the failed invocation's span), and the outgoing hooks see it as any publish.
-        headers = inv.session.prepare_headers(
+        outgoing = inv.session.prepare_headers(
             spec.dead_letter, None, headers | inv.propagate if inv.propagate else headers
         )
         try:
-            await inv.session.publish_durable(spec.dead_letter, inv.data, headers)
+            await inv.session.publish_durable(spec.dead_letter, inv.data, outgoing)
         except PublishError as exc:
             delay = spec.retry.delay_for(inv.attempt)
             log.error(
