@@ -25,7 +25,7 @@ from fnhost.embedded import EmbeddedNats
 from fnhost.errors import FnhostError, LoadError
 from fnhost.http import HttpServer
 from fnhost.invocation import build_endpoint, compose
-from fnhost.loader import load_function
+from fnhost.loader import load_function, user_traceback
 from fnhost.manifest import FunctionSpec, Manifest
 from fnhost.metrics import HostMetrics
 from fnhost.plugins.manager import PluginManager
@@ -221,7 +221,8 @@ class Host:
         except LoadError as exc:
             state.error = str(exc)
             keeps = " (the previous version keeps running)" if state.runtime else ""
-            log.error("%s%s", exc, keeps)
+            shown = user_traceback(exc)
+            log.error("%s%s%s", exc, keeps, f"\n{shown}" if shown else "")
             return False
         if new_spec.trigger.kind == "stream" and new_spec != state.spec:
             await provision.ensure_consumer(self.js, new_spec)

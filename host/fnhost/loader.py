@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import inspect
 import sys
+import sysconfig
 import traceback
 import typing
 from collections.abc import Callable
@@ -167,6 +168,36 @@ def _describe_import_error(exc: BaseException) -> str:
     user_frames = [f for f in frames if "importlib" not in f.filename]
     at = f" at {user_frames[-1].filename}:{user_frames[-1].lineno}" if user_frames else ""
     return f"importing the module failed{at}: {type(exc).__name__}: {exc}"
+
+
+def user_traceback(exc: LoadError) -> str:
+    """The traceback of the user's code behind ``exc``, as Python prints it, or "".
+
+    For an error raised while the module executed (the exception the import
+    raised is the :class:`LoadError`'s context): the frames of the user's files,
+    without the import system's, then the exception; a syntax error shows its
+    line and caret. Handler problems (missing, wrong signature) have none.
+    """
+    cause = exc.__cause__ or exc.__context__
+    if cause is None:
+        return ""
+    if isinstance(cause, SyntaxError):
+        return "".join(traceback.format_exception_only(cause)).rstrip()
+    frames = [f for f in traceback.extract_tb(cause.__traceback__) if _is_user_file(f.filename)]
+    if not frames:
+        return ""
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    lines += traceback.format_exception_only(cause)
+    return "".join(lines).rstrip()
+
+
+def _is_user_file(filename: str) -> bool:
+    if filename.startswith("<") or filename == __file__:
+        return False
+    return not filename.startswith(_STDLIB)
+
+
+_STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 def _suggest(module: ModuleType) -> str:
