@@ -121,7 +121,40 @@ def _host_command(
         code = _run_async(serve, loop)
     except (ConfigError, FnhostError, OSError) as exc:
         raise _fail(str(exc)) from None
+    _exit_past_stuck_threads(code)
     raise typer.Exit(code)
+
+
+def _exit_past_stuck_threads(code: int) -> None:
+    """Exit at once if a plain ``def`` handler still runs after the drain's grace.
+
+    Its worker thread cannot be interrupted and Python waits for it at exit,
+    which would ignore ``--grace``. Its message was not acked, so JetStream
+    redelivers it.
+    """
+    import logging
+    import threading
+    import time
+
+    deadline = time.monotonic() + 1.0  # idle workers exit as soon as they see the shutdown
+    stuck = []
+    for thread in threading.enumerate():
+        if thread.name.startswith("fnhost-"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                stuck.append(thread.name)
+    if not stuck:
+        return
+    logging.getLogger("fnhost.host").warning(
+        "exiting with %d handler thread(s) still running past the grace period "
+        "(their messages are not acked): %s",
+        len(stuck),
+        ", ".join(stuck),
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @app.command()

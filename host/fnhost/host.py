@@ -321,11 +321,36 @@ class Host:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            await self.start()
+            if not await self._start_unless_stopped():
+                log.info("stopped before the host was ready")
+                await self.close(drain=False)
+                return 0
         except BaseException:
             await self.close(drain=False)
             raise
         return await self.wait()
+
+    async def _start_unless_stopped(self) -> bool:
+        """``start()``, abandoned if a stop comes first; whether it finished.
+
+        The first connect retries forever while NATS is unreachable (a host may
+        start before its server), so a SIGTERM must be able to end that wait.
+        """
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            starting.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if starting.done():
+            starting.result()
+            return True
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return False
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():

@@ -46,6 +46,17 @@ class HostProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """Pid of the current (or last) life."""
+        assert self._proc is not None, "never started"
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code of the last life, None while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
     def start(self, *, wait_ready: bool = True) -> None:
         """Start a new life of the host; by default wait until it logs that it is ready."""
         with self.log_path.open("ab") as log:
