@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import threading
 from collections import Counter
 from typing import Any
 
@@ -377,21 +379,62 @@ async def test_start_returns_once_the_server_knows_the_subscription(
 THREADS = """\
     import threading
 
+    BARRIER = threading.Barrier(2, timeout=10)
+
 
     def handle(data: dict) -> dict:
         thread = threading.current_thread()
-        return {"main": thread is threading.main_thread(), "name": thread.name}
+        return {"ident": threading.get_ident(), "name": thread.name}
+
+
+    def meet(data: dict) -> dict:
+        # Returns only once two invocations are inside at the same time: possible only
+        # if each runs in its own thread, off the event loop.
+        BARRIER.wait()
+        return {"ident": threading.get_ident()}
+
+
+    async def ping(data: dict) -> dict:
+        return {"pong": True}
 """
+
+THREADS_MANIFEST = manifest(
+    """\
+  sync-fn: {module: fn.py, trigger: {request: t.sync}}
+  meet: {module: fn.py, handler: meet, trigger: {request: t.meet}, concurrency: 2}
+  ping: {module: fn.py, handler: ping, trigger: {request: t.ping}}
+"""
+)
 
 
 async def test_a_plain_def_handler_runs_in_a_worker_thread(run_host, nc) -> None:
-    await run_host(
-        manifest("  sync-fn: {module: fn.py, trigger: {request: t.sync}}\n"), {"fn.py": THREADS}
-    )
+    await run_host(THREADS_MANIFEST, {"fn.py": THREADS})
     reply = await nc.request("t.sync", b"{}", timeout=5)
     answer = json.loads(reply.data)
-    assert answer["main"] is False
+    # The host runs on this test's event loop, in this thread.
+    assert answer["ident"] != threading.get_ident()
     assert answer["name"].startswith("fnhost-sync-fn")
+
+
+async def test_plain_def_handlers_run_in_parallel_threads_and_the_loop_stays_free(
+    run_host, nc: NatsClient, nats_server: NatsServer
+) -> None:
+    host = await run_host(THREADS_MANIFEST, {"fn.py": THREADS})
+    await subscribed(nats_server, "t.meet")
+    first = asyncio.ensure_future(nc.request("t.meet", b"{}", timeout=15))
+    await wait_for(
+        lambda: module_of(host, "meet").BARRIER.n_waiting == 1, message="one thread waiting"
+    )
+    # One handler is blocked in its thread: an async function still answers.
+    pong = await nc.request("t.ping", b"{}", timeout=5)
+    assert json.loads(pong.data) == {"pong": True}
+
+    second = await nc.request("t.meet", b"{}", timeout=15)
+    replies = [await first, second]
+    assert all(not reply.headers for reply in replies), [r.headers for r in replies]
+    idents = {json.loads(reply.data)["ident"] for reply in replies}
+    assert len(idents) == 2
+    assert threading.get_ident() not in idents
 
 
 GATED = """\
@@ -494,10 +537,12 @@ async def test_requests_queued_when_the_drain_starts_get_503(
     await subscribed(nats_server, "t.slow")
     first = asyncio.ensure_future(nc.request("t.slow", b'{"i": 1}', timeout=10))
     await wait_for(lambda: module.STARTED == [1], message="the first request is running")
+    # The second waits for the only slot; the third waits behind it in the client's buffer.
     second = asyncio.ensure_future(nc.request("t.slow", b'{"i": 2}', timeout=5))
+    third = asyncio.ensure_future(nc.request("t.slow", b'{"i": 3}', timeout=5))
     await wait_for(
-        lambda: subscriptions(nats_server, "t.slow")[0]["msgs"] == 2,
-        message="the second request reached the host",
+        lambda: subscriptions(nats_server, "t.slow")[0]["msgs"] == 3,
+        message="the queued requests reached the host",
     )
 
     drain = asyncio.ensure_future(host.drain(grace=10))
@@ -511,9 +556,95 @@ async def test_requests_queued_when_the_drain_starts_get_503(
         assert not reply_first.headers
         assert json.loads(reply_first.data) == {"done": 1}
 
-        reply_second = await second
-        assert reply_second.headers is not None, reply_second.data
-        assert reply_second.headers[CODE] == "503"
-        assert module.STARTED == [1], "the queued request never ran"
+        for queued in (second, third):
+            reply = await queued
+            assert reply.headers is not None, reply.data
+            assert reply.headers[CODE] == "503"
+            assert "draining" in reply.headers[ERROR]
+        assert module.STARTED == [1], "the queued requests never ran"
     finally:
         await drain
+
+
+# ------------------------------------------------------------------ bad input
+
+BAD = """\
+    from pydantic import BaseModel
+
+
+    class Order(BaseModel):
+        total: float
+
+
+    async def typed(order: Order) -> dict:
+        return {"total": order.total}
+
+
+    async def raises(data: dict) -> dict:
+        raise KeyError("missing-thing")
+
+
+    async def ok(data: dict) -> dict:
+        return {"ok": data["n"]}
+"""
+
+BROKEN = """\
+    def handle(data: dict) -> dict
+        return data
+"""
+
+
+async def test_bad_input_and_failing_functions_leave_the_others_serving(
+    run_host, nc: NatsClient, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="fnhost")
+    host = await run_host(
+        manifest(
+            """\
+  broken: {module: broken.py, trigger: {request: bad.broken}}
+  typed: {module: fn.py, handler: typed, trigger: {request: bad.typed}}
+  raises: {module: fn.py, handler: raises, trigger: {request: bad.raises}}
+  ok: {module: fn.py, handler: ok, trigger: {request: bad.ok}}
+"""
+        ),
+        {"fn.py": BAD, "broken.py": BROKEN},
+    )
+    broken = host.functions["broken"]
+    assert broken.status == "failed"
+    assert broken.error is not None
+    assert "broken" in broken.error
+    assert "broken.py" in broken.error
+    assert [host.functions[name].status for name in ("typed", "raises", "ok")] == ["running"] * 3
+
+    async def ok_still_answers(n: int) -> None:
+        reply = await nc.request("bad.ok", json.dumps({"n": n}).encode(), timeout=5)
+        assert json.loads(reply.data) == {"ok": n}
+
+    await ok_still_answers(1)
+    with pytest.raises(nats.errors.NoRespondersError):
+        await nc.request("bad.broken", b"{}", timeout=5)
+
+    for payload in (b"\xff\xfe", b"[1, 2]", b'{"total": "lots"}'):
+        reply = await nc.request("bad.typed", payload, timeout=5)
+        assert reply.headers is not None and reply.headers[CODE] == "400", payload
+        await ok_still_answers(2)
+    reply = await nc.request("bad.raises", b"{}", timeout=5)
+    assert reply.headers is not None and reply.headers[CODE] == "500"
+    assert "missing-thing" in reply.headers[ERROR]
+    await ok_still_answers(3)
+
+    def logged(level: int, *words: str) -> bool:
+        return any(
+            r.levelno == level and all(word in r.getMessage() for word in words)
+            for r in caplog.records
+        )
+
+    assert logged(logging.ERROR, "broken", "broken.py")
+    assert logged(logging.ERROR, "function raises", "500", "KeyError", "missing-thing")
+    assert logged(logging.INFO, "function typed", "400", "Invalid JSON")
+    assert logged(logging.INFO, "function typed", "400", "Order")
+    reply = await nc.request("bad.typed", b'{"total": 2.5}', timeout=5)
+    assert json.loads(reply.data) == {"total": 2.5}
+    assert all(
+        state.status == "running" for name, state in host.functions.items() if name != "broken"
+    )

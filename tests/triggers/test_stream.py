@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+import logging
 from typing import Any
 
 import nats.js.errors
@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
 from fnhost.host import Host
+from fnhost.triggers.stream import StreamTrigger
 from fnhost_sdk.testing import wait_for
 
 pytestmark = pytest.mark.nats
@@ -326,6 +327,58 @@ async def test_without_dead_letter_a_rejected_or_exhausted_message_is_termed(
     assert await dead_letters(js) == 0
 
 
+async def test_an_undecodable_payload_without_dead_letter_is_termed_not_retried(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    host = await host_factory(manifest(), {"fn.py": REJECTING})
+    await js.publish("in.a", b"\xff not json at all")
+    await js.publish("in.a", b"[1, 2]")  # JSON, but not an Order
+
+    await wait_for(lambda: acks.count("+TERM") == 2, message="both termed")
+    await settled(js, total=2)
+    assert module_of(host).ATTEMPTS == [], "the handler never ran"
+    assert acks.settled() == ["+TERM", "+TERM"]
+    info = await consumer(js)
+    assert info.num_redelivered == 0
+    assert info.delivered.consumer_seq == 2, "each delivered once"
+    assert await dead_letters(js) == 0
+
+
+# ---------------------------------------------------------------------- output
+
+OUTPUT = """\
+    async def handle(data: dict, ctx) -> dict:
+        return {"doubled": data["n"] * 2, "attempt": ctx.attempt}
+"""
+
+
+async def test_output_is_published_to_its_stream_with_a_message_id(
+    host_factory, js: JetStreamContext
+) -> None:
+    """The return value goes to ``output:`` with ``Nats-Msg-Id`` = ``<input key>/0``: the
+    input's own message id, else ``<stream>:<sequence>``, so a redelivered input's
+    output is dropped by the output stream's duplicate window."""
+    text = manifest(output="out.doubled").replace("  DLQ:", '  OUT: {subjects: ["out.>"]}\n  DLQ:')
+    await host_factory(text, {"fn.py": OUTPUT})
+    await js.publish("in.a", b'{"n": 21}', headers={"Nats-Msg-Id": "order-7"})
+    await js.publish("in.a", b'{"n": 5}')
+
+    async def two_outputs() -> bool:
+        return (await js.stream_info("OUT")).state.messages == 2
+
+    await wait_for(two_outputs, message="two outputs stored")
+    await settled(js, total=2)
+    first, second = await js.get_msg("OUT", 1), await js.get_msg("OUT", 2)
+    by_id = {
+        (msg.headers or {}).get("Nats-Msg-Id"): json.loads(msg.data) for msg in (first, second)
+    }
+    assert by_id == {
+        "order-7/0": {"doubled": 42, "attempt": 1},
+        "IN:2/0": {"doubled": 10, "attempt": 1},
+    }
+    assert first.subject == second.subject == "out.doubled"
+
+
 # ------------------------------------------------------------ flow control
 
 SLOW = """\
@@ -348,33 +401,45 @@ SLOW = """\
 """
 
 
+def stream_trigger(host: Host, function: str = "work") -> StreamTrigger:
+    trigger = host.functions[function].trigger
+    assert isinstance(trigger, StreamTrigger), host.functions[function].error
+    return trigger
+
+
 @pytest.mark.parametrize("ack", ["plain", "sync"])
-async def test_never_more_in_flight_or_unacked_than_the_concurrency(
+async def test_never_more_in_flight_or_asked_for_than_the_concurrency(
     host_factory, js: JetStreamContext, ack: str
 ) -> None:
     """The pull loop asks only for as many messages as it has free slots: a message
     fetched while no slot is free would sit with its ack wait running.
 
-    ``num_ack_pending`` is the server's count of delivered, unacknowledged messages;
-    sampled hundreds of times while 600 messages flow into a slow handler, it must
-    never exceed the concurrency. (With ``ack: sync`` a slot is free only once the
-    server confirmed the ack; with the default plain ack, the host must still not
-    ask for a message before the server has counted the previous one as acked.)
+    Sampled hundreds of times while 600 messages flow into a slow handler: the host
+    never holds (runs, queues or has asked for) more than the concurrency. With
+    ``ack: sync`` a slot is free only once the server confirmed the ack, so the
+    server's own count of delivered, unacknowledged messages (``num_ack_pending``)
+    never exceeds it either. (With a plain ack it may, briefly, by the acks still
+    in flight: the server processes acks and pull requests on separate queues.)
     """
     total = 600
     host = await host_factory(manifest(concurrency="4", ack=ack), {"fn.py": SLOW})
     module = module_of(host)
-    samples: list[tuple[int, int]] = []
+    trigger = stream_trigger(host)
+    server_samples: list[int] = []
+    host_samples: list[int] = []
 
     async def sample() -> None:
         while len(module.DONE) < total:
+            host_samples.append(trigger.held)
             info = await consumer(js)
-            samples.append((info.num_ack_pending, info.num_waiting))
+            server_samples.append(info.num_ack_pending)
+            host_samples.append(trigger.held)
 
     sampler = asyncio.ensure_future(sample())
     try:
         for i in range(total):
             await js.publish("in.a", json.dumps({"i": i}).encode())
+            host_samples.append(trigger.held)
         await wait_for(lambda: len(module.DONE) >= total, timeout=60, message="all handled")
     finally:
         await sampler
@@ -382,10 +447,56 @@ async def test_never_more_in_flight_or_unacked_than_the_concurrency(
 
     assert sorted(module.DONE) == list(range(total))
     assert module.MAX == 4
-    assert len(samples) >= 50, f"only {len(samples)} samples"
-    over = [pending for pending, _ in samples if pending > 4]
-    assert not over, f"num_ack_pending above concurrency 4 in {len(over)} of {len(samples)}"
-    assert max(pending for pending, _ in samples) >= 1
+    assert len(server_samples) >= 50, f"only {len(server_samples)} samples"
+    assert max(host_samples) == 4, "the host filled its slots"
+    assert max(server_samples) >= 1
+    if ack == "sync":
+        over = [pending for pending in server_samples if pending > 4]
+        assert not over, (
+            f"num_ack_pending above concurrency 4 in {len(over)} of {len(server_samples)}"
+        )
+    assert (await consumer(js)).num_redelivered == 0
+
+
+GATED = """    import asyncio
+
+    STARTED = []
+    GATE = asyncio.Event()
+
+
+    async def handle(data: dict) -> None:
+        STARTED.append(data["i"])
+        await GATE.wait()
+"""
+
+
+async def test_blocked_handlers_hold_no_more_messages_than_their_slots(
+    host_factory, js: JetStreamContext
+) -> None:
+    """Concurrency 2, both handlers blocked, 50 messages waiting: the server must show
+    exactly 2 delivered and unacknowledged, the other 48 still pending in the stream
+    (not fetched into the host where their ack wait would run out)."""
+    host = await host_factory(manifest(concurrency="2"), {"fn.py": GATED})
+    module = module_of(host)
+    for i in range(50):
+        await js.publish("in.a", json.dumps({"i": i}).encode())
+
+    await wait_for(lambda: len(module.STARTED) == 2, message="two handlers running")
+
+    async def holding_two() -> ConsumerInfo | None:
+        info = await consumer(js)
+        # num_waiting == 0: no pull request outstanding, nothing more is coming.
+        ok = info.num_ack_pending == 2 and info.num_pending == 48 and info.num_waiting == 0
+        return info if ok else None
+
+    await wait_for(holding_two, message="2 delivered, 48 pending, no pull request waiting")
+    assert stream_trigger(host).held == 2
+    assert len(module.STARTED) == 2
+
+    module.GATE.set()
+    await wait_for(lambda: len(module.STARTED) == 50, timeout=30, message="all 50 handled")
+    await settled(js, total=50)
+    assert sorted(module.STARTED) == list(range(50))
     assert (await consumer(js)).num_redelivered == 0
 
 
@@ -404,6 +515,45 @@ async def test_a_single_message_to_an_idle_consumer_is_handled_promptly(
     await wait_for(lambda: module.SEEN, timeout=5, message="the message handled")
     await js.publish("in.a", b'{"i": 2}')
     await wait_for(lambda: len(module.SEEN) == 2, timeout=5, message="the next one too")
+
+
+async def test_an_empty_stream_is_quiet_and_normal(
+    host_factory, js: JetStreamContext, nc: NatsClient, monkeypatch, caplog
+) -> None:
+    """Pull requests that expire without messages (408) are the normal state of an idle
+    function: nothing is logged at warning level, the consumer is not "recovered", and
+    each new pull request follows an expired one (no busy loop of pull requests)."""
+    # Short pull requests so that several expire within the test (defaults: 30 s / 5 s).
+    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "expires", 2.0)
+    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "idle_heartbeat", 1.0)
+    caplog.set_level(logging.INFO, logger="fnhost")
+    pulls: list[Msg] = []
+    expired: list[Msg] = []
+
+    async def on_pull(msg: Msg) -> None:
+        pulls.append(msg)
+
+    async def on_inbox(msg: Msg) -> None:
+        if msg.headers and msg.headers.get("Status") == "408":
+            expired.append(msg)
+
+    await nc.subscribe("$JS.API.CONSUMER.MSG.NEXT.IN.work", cb=on_pull)
+    await nc.subscribe("_INBOX.>", cb=on_inbox)
+    await nc.flush()
+    host = await host_factory(manifest(), {"fn.py": RECORD})
+    module = module_of(host)
+
+    await wait_for(lambda: len(expired) >= 3, timeout=30, message="three empty pulls expired")
+    await wait_for(lambda: len(pulls) >= 4, message="a new pull request after each expiry")
+
+    assert len(pulls) <= len(expired) + 1, "a pull request only once the previous one expired"
+    assert all(json.loads(pull.data)["batch"] >= 1 for pull in pulls)
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noisy, [r.getMessage() for r in noisy]
+    assert host.functions["work"].status == "running"
+
+    await js.publish("in.a", b'{"i": 1}')
+    await wait_for(lambda: module.SEEN, message="a message after the idle spell is handled")
 
 
 # ------------------------------------------------------------ consumer config

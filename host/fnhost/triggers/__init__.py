@@ -50,22 +50,32 @@ class Slots:
     increment, with no await.
     """
 
-    __slots__ = ("_changed", "capacity", "in_use")
+    __slots__ = ("_changed", "capacity", "closed", "in_use")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.in_use = 0
+        self.closed = False
         self._changed = asyncio.Event()
 
     @property
     def free(self) -> int:
         return self.capacity - self.in_use
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> bool:
+        """Wait for a free slot and take it; ``False`` (no slot taken) once closed."""
         while self.in_use >= self.capacity:
+            if self.closed:
+                return False
             self._changed.clear()
             await self._changed.wait()
         self.in_use += 1
+        return True
+
+    def close(self) -> None:
+        """Give up every wait in :meth:`acquire` (the trigger drains: no new work)."""
+        self.closed = True
+        self._changed.set()
 
     def release(self) -> None:
         self.in_use -= 1

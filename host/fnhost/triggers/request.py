@@ -29,8 +29,11 @@ class RequestTrigger(CoreTrigger):
         if not isinstance(outcome, Reply):
             # A middleware ended the chain without a reply (e.g. a duplicate): answer empty.
             outcome = Reply(b"")
-        if outcome.error_code is not None and outcome.error_code >= 500 and outcome.headers:
-            log.error(
+        if outcome.error_code is not None and outcome.headers:
+            # A handler failure is the function's problem (error); bad input is the
+            # caller's, which the reply tells them, so the host only notes it (info).
+            log.log(
+                logging.ERROR if outcome.error_code >= 500 else logging.INFO,
                 "function %s: error reply %d to a request on %s: %s",
                 self.name,
                 outcome.error_code,

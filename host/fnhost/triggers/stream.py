@@ -96,6 +96,12 @@ class StreamTrigger(Trigger):
     def describe(self) -> str:
         return f"{self.stream}/{self.durable}"
 
+    @property
+    def held(self) -> int:
+        """Messages this trigger holds: taken (running or queued for a worker) plus asked
+        for and not yet delivered. Never above ``concurrency``."""
+        return self.slots.in_use + self._credit
+
     async def subscribe(self) -> None:
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
         loop = asyncio.get_running_loop()

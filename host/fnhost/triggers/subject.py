@@ -46,16 +46,27 @@ class CoreTrigger(Trigger):
             cb=self._on_message,
             pending_msgs_limit=PENDING_MSGS_LIMIT,
         )
+        await _confirm_with_server(self.nc)
 
     async def stop_intake(self) -> None:
+        # A message waiting for a slot is answered now (503 for a request), not when
+        # a slot frees up; and the messages still in the client's buffer are run
+        # through _on_message (which refuses them while draining) instead of being
+        # dropped: a caller learns at once that it must try again elsewhere.
+        self.slots.close()
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            await sub.unsubscribe()
+            if self.nc.is_connected:
+                await sub.drain()  # type: ignore[no-untyped-call]
+            elif not (self.nc.is_closed or self.nc.is_draining):
+                await sub.unsubscribe()
 
     async def _on_message(self, msg: Msg) -> None:
         slots = self.slots
         if slots.in_use >= slots.capacity:
-            await slots.acquire()
+            if not await slots.acquire():
+                await self.refuse(msg)
+                return
         else:
             slots.in_use += 1
         if self.status == "draining":
@@ -99,6 +110,22 @@ class CoreTrigger(Trigger):
     async def refuse(self, msg: Msg) -> None:
         """Answer a message that arrived while draining."""
         log.info("function %s: dropped a message on %s while draining", self.name, msg.subject)
+
+
+async def _confirm_with_server(nc: NatsClient) -> None:
+    """Return once the server has processed everything sent so far (our SUB included).
+
+    A trigger counts as started only when a caller can reach it: a request sent
+    right after ``Host.start()`` must not meet "no responders". Two round trips,
+    because nats-py 2.16's ``flush()`` writes its PING straight to the socket,
+    ahead of commands still in the client's buffer; the first one lets the
+    flusher write the SUB, the second PING follows it. While disconnected
+    there is nothing to confirm: nats-py re-sends subscriptions on reconnect.
+    """
+    if not nc.is_connected:
+        return
+    await nc.flush()
+    await nc.flush()
 
 
 class SubjectTrigger(CoreTrigger):
