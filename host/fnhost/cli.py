@@ -55,6 +55,12 @@ GraceOption = Annotated[
 LogLevelOption = Annotated[
     str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING, ...")
 ]
+ReloadOption = Annotated[
+    bool,
+    typer.Option(
+        "--reload/--no-reload", help="Reload functions when their code or fn.yaml changes."
+    ),
+]
 
 
 def main() -> None:
@@ -103,6 +109,7 @@ def _host_command(
     log_format: str,
     log_level: str | None,
     force_embedded: bool,
+    reload: bool,
 ) -> None:
     from fnhost.host import Host
     from fnhost.logs import setup_logging
@@ -114,7 +121,12 @@ def _host_command(
     nats_url = nats or ("embedded" if force_embedded else None)
 
     async def serve() -> int:
-        host = Host(manifest, nats_url=nats_url, drain_grace=grace)
+        plugins: list[object] = []
+        if reload:
+            from fnhost.reload import HotReload  # watchfiles only when asked for
+
+            plugins.append(HotReload())
+        host = Host(manifest, nats_url=nats_url, drain_grace=grace, plugins=plugins)
         return await host.serve()
 
     try:
@@ -164,6 +176,7 @@ def run(
     grace: GraceOption = 30.0,
     loop: LoopOption = "auto",
     log_level: LogLevelOption = None,
+    reload: ReloadOption = False,
 ) -> None:
     """Run the manifest's functions (production: JSON logs)."""
     _host_command(
@@ -174,6 +187,7 @@ def run(
         log_format="json",
         log_level=log_level,
         force_embedded=False,
+        reload=reload,
     )
 
 
@@ -184,6 +198,7 @@ def dev(
     grace: GraceOption = 5.0,
     loop: LoopOption = "auto",
     log_level: LogLevelOption = None,
+    reload: ReloadOption = True,
 ) -> None:
     """Run locally: an embedded nats-server (unless --nats) and readable logs."""
     _host_command(
@@ -194,6 +209,7 @@ def dev(
         log_format="text",
         log_level=log_level,
         force_embedded=True,
+        reload=reload,
     )
 
 
