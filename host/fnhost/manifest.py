@@ -299,11 +299,18 @@ class RetryPolicy(_Model):
 
 
 class IdempotencySpec(_Model):
-    """Skip messages already handled, keyed by ``key``, remembered for ``ttl``."""
+    """Skip messages already handled, keyed by ``key``, remembered for ``ttl``.
+
+    ``lease``: how long a delivery holds the key while its handler runs (default:
+    the larger of the trigger's ``ack_wait`` and the function's ``timeout``).
+    ``bucket`` names the KV bucket (kv), the key prefix (redis) or the table
+    (postgres).
+    """
 
     store: Literal["kv", "memory", "redis", "postgres"] = "kv"
     ttl: PositiveDuration = 86400.0
     key: str = "auto"
+    lease: PositiveDuration | None = None
     bucket: str = "fnhost_idempotency"
     url: str | None = None
 

@@ -16,6 +16,7 @@ from nats.js.api import PubAck
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from fnhost_sdk.idempotency import Idempotency
 from fnhost_sdk.session import Session
 
 T = TypeVar("T")
@@ -32,6 +33,9 @@ class Context:
         attempt: the delivery count (1 on first delivery; always 1 outside streams).
         stream, sequence: the stream and stream sequence (stream triggers only).
         config: the function's ``config:`` mapping from fn.yaml.
+        idempotency: the message's idempotency key and ``record_in(conn)``
+            (see :mod:`fnhost_sdk.idempotency`); ``None`` unless the function
+            has ``idempotency:`` and the message a key.
     """
 
     __slots__ = (
@@ -43,6 +47,7 @@ class Context:
         "config",
         "function",
         "headers",
+        "idempotency",
         "message_id",
         "sequence",
         "stream",
@@ -75,6 +80,7 @@ class Context:
         self.stream = stream
         self.sequence = sequence
         self.config: dict[str, Any] = config if config is not None else {}
+        self.idempotency: Idempotency | None = None
 
     @property
     def idempotency_key(self) -> str | None:

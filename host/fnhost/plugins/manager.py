@@ -31,6 +31,9 @@ BUILTIN_PLUGINS = (
     # registered first, and the first result is the outermost middleware.
     "fnhost.plugins.timeout",
     "fnhost.plugins.retry",
+    # After retry, so outside it: a duplicate is acked before retry sees it, and a
+    # failure reaches idempotency as an outcome (release the lease, record nothing).
+    "fnhost.plugins.idempotency",
     "fnhost.plugins.metrics",
     "fnhost.plugins.logging",
     "fnhost.plugins.tracing",

@@ -1,0 +1,183 @@
+"""``store: postgres``: keys and leases in a PostgreSQL table (``url:`` a libpq DSN).
+
+The table (``bucket``, default ``fnhost_idempotency``, created if missing)::
+
+    key text PRIMARY KEY, state char(1) ('L' lease, 'D' done),
+    holder text (the lease's token), expires_at double precision (epoch seconds)
+
+Times come from the database's clock, so hosts with skewed clocks agree.
+
+- begin: ``INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE expires_at <= now``
+  takes a new or expired key in one statement; otherwise the row says
+  ``DONE`` or ``LEASED``. Row locks serialise racing hosts.
+- record (by the host, after the handler): an upsert to ``D``.
+- ``ctx.idempotency.record_in(conn)`` (by the handler, inside its own
+  transaction): ``UPDATE ... SET state = 'D' WHERE key = .. AND holder = <our
+  token> AND state = 'L'``. If no row matches, another delivery took the key
+  over (or recorded it): :class:`~fnhost_sdk.idempotency.LeaseLost` is raised
+  and the handler's transaction must roll back. So the effect and the record
+  commit together, or neither does: an effect exactly once.
+- release: delete our own lease row.
+
+Expired rows are deleted now and then (every ``SWEEP_EVERY`` begins).
+Connections: a small pool of autocommit connections (``POOL_SIZE``).
+Needs psycopg 3 (``pip install 'fnhost[postgres]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
+from fnhost_sdk.idempotency import LeaseLost
+
+log = logging.getLogger("fnhost.idempotency")
+
+POOL_SIZE = 8
+"""Connections the store keeps to the database."""
+CONNECT_TIMEOUT = 5
+SWEEP_EVERY = 4096
+
+_NOW = "extract(epoch from clock_timestamp())"
+
+
+class PostgresStore:
+    """Keys in the table ``bucket`` of the database at ``url``."""
+
+    name = "postgres"
+
+    def __init__(self, url: str, bucket: str, holder: str) -> None:
+        self.url = url
+        self._holder = holder
+        self._tokens = itertools.count(1)
+        self._pool: asyncio.Queue[Any] | None = None
+        self._begins = 0
+        table = f'"{bucket}"'  # the manifest allows only letters, digits, '-' and '_'
+        self._create = (
+            f"CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, state char(1) NOT NULL,"
+            " holder text, expires_at double precision NOT NULL)"
+        )
+        self._begin = (
+            f"INSERT INTO {table} AS t (key, state, holder, expires_at)"
+            f" VALUES (%s, 'L', %s, {_NOW} + %s)"
+            " ON CONFLICT (key) DO UPDATE SET state = 'L', holder = EXCLUDED.holder,"
+            f" expires_at = EXCLUDED.expires_at WHERE t.expires_at <= {_NOW} RETURNING 1"
+        )
+        self._look = f"SELECT state, expires_at, {_NOW} FROM {table} WHERE key = %s"
+        self._record = (
+            f"INSERT INTO {table} AS t (key, state, holder, expires_at)"
+            f" VALUES (%s, 'D', NULL, {_NOW} + %s)"
+            " ON CONFLICT (key) DO UPDATE SET state = 'D', holder = NULL,"
+            " expires_at = EXCLUDED.expires_at"
+        )
+        self._record_ours = (
+            f"UPDATE {table} SET state = 'D', holder = NULL, expires_at = {_NOW} + %s"
+            " WHERE key = %s AND holder = %s AND state = 'L'"
+        )
+        self._release = f"DELETE FROM {table} WHERE key = %s AND holder = %s AND state = 'L'"
+        self._sweep = f"DELETE FROM {table} WHERE expires_at < {_NOW} - 60"
+
+    def encoder(self, function: str) -> KeyEncoder:
+        prefix = f"{function}/"
+        return prefix.__add__
+
+    async def start(self) -> None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            needs = "the postgres store needs: pip install 'fnhost[postgres]'"
+            raise StoreUnavailable(needs) from exc
+        if self._pool is None:
+            pool: asyncio.Queue[Any] = asyncio.Queue()
+            for _ in range(POOL_SIZE):
+                pool.put_nowait(None)
+            self._pool = pool
+        await self._execute(self._create, ())
+
+    async def begin(self, key: str, lease_ttl: float) -> Begin:
+        self._begins += 1
+        if self._begins % SWEEP_EVERY == 0:
+            await self._execute(self._sweep, ())
+        token = f"{self._holder}:{next(self._tokens)}"
+        for _ in range(16):
+            taken = await self._execute(self._begin, (key, token, lease_ttl), fetch=True)
+            if taken:
+                return new(token)
+            row = await self._execute(self._look, (key,), fetch=True)
+            if row:
+                state, expires_at, now = row[0]
+                if expires_at > now:
+                    return DONE if state == "D" else leased(float(expires_at))
+        raise StoreUnavailable(f"key {key} changed 16 times while we read it")
+
+    async def record(self, key: str, token: Token, ttl: float) -> None:
+        await self._execute(self._record, (key, ttl))
+
+    async def release(self, key: str, token: Token) -> None:
+        await self._execute(self._release, (key, token))
+
+    def transactional(self, ttl: float) -> _Recorder:
+        return _Recorder(self._record_ours, ttl)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        while pool is not None and not pool.empty():
+            conn = pool.get_nowait()
+            if conn is not None:
+                await conn.close()
+
+    async def _execute(self, query: str, params: tuple[Any, ...], *, fetch: bool = False) -> Any:
+        import psycopg
+
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("the postgres store is not started")
+        conn = await pool.get()
+        try:
+            if conn is None or conn.closed:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                )
+            cursor = await conn.execute(query, params, prepare=True)
+            result = await cursor.fetchall() if fetch else None
+        except psycopg.Error as exc:
+            if (
+                conn is not None
+                and not conn.closed
+                and not isinstance(exc, psycopg.OperationalError)
+            ):
+                pool.put_nowait(conn)
+            else:
+                if conn is not None:
+                    await conn.close()
+                pool.put_nowait(None)
+            raise StoreUnavailable(f"postgres {type(exc).__name__}: {exc}".strip()) from exc
+        except BaseException:
+            if conn is not None:
+                await conn.close()
+            pool.put_nowait(None)
+            raise
+        pool.put_nowait(conn)
+        return result
+
+
+class _Recorder:
+    """``record_in(conn)``: mark our lease done inside the handler's transaction."""
+
+    __slots__ = ("_query", "_ttl")
+
+    def __init__(self, query: str, ttl: float) -> None:
+        self._query = query
+        self._ttl = ttl
+
+    def record_sync(self, conn: Any, key: str, token: int | str) -> None:
+        if conn.execute(self._query, (self._ttl, key, token)).rowcount != 1:
+            raise LeaseLost(f"idempotency key {key} was taken over by another delivery")
+
+    async def record_async(self, conn: Any, key: str, token: int | str) -> None:
+        cursor = await conn.execute(self._query, (self._ttl, key, token))
+        if cursor.rowcount != 1:
+            raise LeaseLost(f"idempotency key {key} was taken over by another delivery")

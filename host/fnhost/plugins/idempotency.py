@@ -1,0 +1,294 @@
+"""Built-in plugin: run each message's handler once per idempotency key.
+
+For a function with ``idempotency:`` in fn.yaml the middleware, per message:
+
+1. finds the key: ``auto`` (the ``Nats-Msg-Id`` header, else
+   ``stream:sequence``; a core message without a message id has no key and
+   runs unguarded), ``header:NAME`` or ``module:function`` (called as
+   ``function(data, ctx) -> str | None``). A configured key that is missing
+   (no such header, the function returned ``None`` or raised) is bad input:
+   the message is dead-lettered like an undecodable payload, because running
+   it without its key would break the promise silently.
+2. takes the key's lease (:meth:`~fnhost.idempotency.Store.begin`): a
+   recorded key is acked at once as a duplicate; another holder's live lease
+   is *waited on* (polling the store, sending in-progress acks) until the key
+   is recorded (duplicate) or the lease expires (taken over). Meeting a lease
+   never naks, terms or uses up a delivery.
+3. runs the rest of the chain. An ack is returned only after the key is
+   recorded (unless the handler recorded it itself with
+   ``ctx.idempotency.record_in(conn)``); any other outcome releases the lease,
+   so the redelivery can take it at once.
+
+A store that cannot be reached makes the message nak (with the function's
+back-off), never ack unprocessed, and puts ``idempotency:<store>`` among the
+host's readiness problems (``/readyz`` answers 503) until a store call
+succeeds again.
+
+It sits right outside ``retry`` (see :data:`fnhost.plugins.manager.BUILTIN_PLUGINS`),
+so it sees outcomes, not exceptions; ``metrics`` and ``tracing`` sit outside it
+and count a skipped redelivery as ``duplicate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+from fnhost.errors import LoadError
+from fnhost.idempotency import Store, StoreUnavailable, open_store
+from fnhost.invocation import describe
+from fnhost.manifest import FunctionSpec, IdempotencySpec
+from fnhost.plugins import hookimpl
+from fnhost.types import (
+    DUPLICATE,
+    Ack,
+    CallNext,
+    DeadLetter,
+    Failed,
+    Invocation,
+    Middleware,
+    Nak,
+    Outcome,
+)
+from fnhost_sdk.idempotency import Idempotency
+
+if TYPE_CHECKING:
+    from fnhost.host import Host
+
+log = logging.getLogger("fnhost.idempotency")
+
+POLL_FIRST, POLL_MAX = 0.02, 0.5
+"""Seconds between looks at a lease being waited on: from the first, doubling to the max."""
+
+KeySource = Callable[[Invocation], str | None]
+
+
+class MissingKey(Exception):
+    """The configured key could not be found on the message."""
+
+
+class StoreGuard:
+    """One store of one host: started lazily, its outages reported on ``/readyz``."""
+
+    __slots__ = ("down", "host", "problem", "started", "store")
+
+    def __init__(self, store: Store, host: Host) -> None:
+        self.store = store
+        self.host = host
+        self.problem = f"idempotency:{store.name}"
+        self.started = False
+        self.down = False
+
+    async def start(self) -> None:
+        try:
+            await self.store.start()
+        except StoreUnavailable as exc:
+            self.failed(exc)
+            raise
+        self.started = True
+
+    def failed(self, exc: StoreUnavailable) -> None:
+        if not self.down:
+            log.error("idempotency store %s unavailable: %s", self.store.name, exc)
+        self.down = True
+        self.host.problems[self.problem] = f"store unavailable: {exc}"
+
+    def recovered(self) -> None:
+        self.down = False
+        self.host.problems.pop(self.problem, None)
+        log.info("idempotency store %s is back", self.store.name)
+
+
+class HostStores:
+    """The stores of one host, shared by the functions that name the same one."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.holder = uuid.uuid4().hex[:12]
+        self.guards: dict[tuple[str, str, str | None], StoreGuard] = {}
+
+    def guard_for(self, spec: IdempotencySpec) -> StoreGuard:
+        ident = (spec.store, spec.bucket, spec.url)
+        guard = self.guards.get(ident)
+        if guard is None:
+            store = open_store(
+                spec,
+                holder=self.holder,
+                js=lambda: self.host.js,
+                declared_buckets=frozenset(self.host.manifest.kv),
+            )
+            guard = self.guards[ident] = StoreGuard(store, self.host)
+        else:
+            widen = getattr(guard.store, "widen", None)
+            if widen is not None:
+                widen(spec.ttl)
+        return guard
+
+
+_stores: WeakKeyDictionary[Host, HostStores] = WeakKeyDictionary()
+
+
+def _stores_of(host: Host) -> HostStores:
+    stores = _stores.get(host)
+    if stores is None:
+        stores = _stores[host] = HostStores(host)
+    return stores
+
+
+@hookimpl
+async def fnhost_startup(host: Host) -> None:
+    stores = _stores_of(host)
+    for spec in host.manifest.functions.values():
+        if spec.idempotency is not None:
+            stores.guard_for(spec.idempotency)
+    for guard in stores.guards.values():
+        # A failure is reported on /readyz; the store is started again before its next use.
+        with contextlib.suppress(StoreUnavailable):
+            await guard.start()
+
+
+@hookimpl
+async def fnhost_shutdown(host: Host) -> None:
+    stores = _stores.pop(host, None)
+    if stores is not None:
+        for guard in stores.guards.values():
+            await guard.store.close()
+
+
+@hookimpl
+def fnhost_middleware(function: FunctionSpec, host: Host) -> Middleware | None:
+    spec = function.idempotency
+    if spec is None or function.trigger.kind == "request":
+        return None
+    return build_middleware(function, spec, _stores_of(host).guard_for(spec))
+
+
+def lease_for(function: FunctionSpec) -> float:
+    """The lease a delivery takes: ``lease``, else the larger of ``ack_wait`` and ``timeout``."""
+    spec = function.idempotency
+    if spec is not None and spec.lease is not None:
+        return spec.lease
+    if function.trigger.kind == "stream":
+        return max(function.trigger.ack_wait, function.timeout)
+    return function.timeout
+
+
+def key_source(spec: IdempotencySpec, function: str) -> KeySource:
+    """How the function's messages are keyed (raises :class:`LoadError` for a bad key function)."""
+    if spec.key == "auto":
+        return _auto_key
+    if spec.key.startswith("header:"):
+        name = spec.key.removeprefix("header:")
+
+        def header_key(call: Invocation) -> str | None:
+            value = call.headers.get(name) if call.headers else None
+            if not value:
+                raise MissingKey(f"idempotency key header {name!r} is missing")
+            return value
+
+        return header_key
+    module_name, _, attr = spec.key.partition(":")
+    try:
+        compute = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise LoadError(
+            f"function {function!r}: idempotency.key {spec.key!r} cannot be loaded: {exc}"
+        ) from exc
+
+    def computed_key(call: Invocation) -> str | None:
+        try:
+            value = compute(call.data, call)
+        except Exception as exc:
+            why = f"idempotency key function {spec.key} failed: {describe(exc)}"
+            raise MissingKey(why) from exc
+        if value is None or value == "":
+            raise MissingKey(f"idempotency key function {spec.key} returned no key")
+        return str(value)
+
+    return computed_key
+
+
+def _auto_key(call: Invocation) -> str | None:
+    return call.idempotency_key
+
+
+def build_middleware(
+    function: FunctionSpec, spec: IdempotencySpec, guard: StoreGuard
+) -> Middleware:
+    """The idempotency middleware of one function (composed once per load)."""
+    store = guard.store
+    resolve = key_source(spec, function.name)
+    encode = store.encoder(function.name)
+    lease = lease_for(function)
+    ttl = spec.ttl
+    recorder = store.transactional(ttl)
+    retry = function.retry
+    stream = function.trigger.kind == "stream"
+    ping_every = function.trigger.ack_wait / 3
+
+    def unavailable(call: Invocation, exc: StoreUnavailable) -> Outcome:
+        guard.failed(exc)
+        why = f"idempotency store {store.name} unavailable: {exc}"
+        return Nak(retry.delay_for(call.attempt), why) if stream else Failed(why)
+
+    async def wait_on_lease(call: Invocation, key: str, expires_at: float) -> Any:
+        log.info("idempotency key %s is leased by another delivery; waiting for it", key)
+        loop = asyncio.get_running_loop()
+        pinged = loop.time()
+        poll = POLL_FIRST
+        while True:
+            await asyncio.sleep(max(0.0, min(poll, expires_at - time.time() + 0.005)))
+            poll = min(poll * 2, POLL_MAX)
+            if stream and loop.time() - pinged >= ping_every:
+                await call.in_progress()
+                pinged = loop.time()
+            begin = await store.begin(key, lease)
+            if begin.state != "leased":
+                return begin
+            expires_at = begin.expires_at
+
+    async def idempotency(call: Invocation, call_next: CallNext) -> Outcome:
+        try:
+            raw = resolve(call)
+        except MissingKey as exc:
+            reason = str(exc)
+            return DeadLetter(reason, "PayloadError") if stream else Failed(reason)
+        if raw is None:
+            return await call_next(call)
+        key = encode(raw)
+        try:
+            if not guard.started:
+                await guard.start()
+            begin = await store.begin(key, lease)
+            if begin.state == "leased":
+                begin = await wait_on_lease(call, key, begin.expires_at)
+        except StoreUnavailable as exc:
+            return unavailable(call, exc)
+        if guard.down:
+            guard.recovered()
+        if begin.state == "done":
+            return DUPLICATE
+        token = begin.token
+        handle = call.idempotency = Idempotency(raw, key, token, recorder)
+        outcome = await call_next(call)
+        try:
+            if isinstance(outcome, Ack):
+                if not handle.recorded:
+                    # Never ack before the record is stored.
+                    await store.record(key, token, ttl)
+            else:
+                await store.release(key, token)
+        except StoreUnavailable as exc:
+            if isinstance(outcome, Ack):
+                return unavailable(call, exc)
+            guard.failed(exc)  # the lease expires by itself
+        return outcome
+
+    return idempotency

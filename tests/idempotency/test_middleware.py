@@ -1,0 +1,231 @@
+"""The idempotency middleware in a real host on a real nats-server.
+
+A duplicate is acked without running the handler; a delivery that meets a
+live lease waits for it and uses up no delivery; a missing key header is bad
+input (dead letter); a store that is down naks the message, makes /readyz
+report it, and the host recovers when the store is back; with the postgres
+store the handler commits its effect and its key in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from conftest import HostFactory
+from fnhost.host import Host
+from fnhost.http import readiness
+from fnhost.plugins import hookimpl
+from fnhost.types import CallNext, Invocation, Middleware, Nak, Outcome
+from fnhost_sdk.testing import wait_for
+from support.databases import RedisServer
+
+pytestmark = pytest.mark.nats
+
+MANIFEST = """\
+version: 1
+http: false
+streams:
+  IN: {{subjects: ["in.>"], duplicate_window: 1h}}
+  DLQ: {{subjects: ["dlq.>"]}}
+functions:
+  work:
+    module: fn.py
+    trigger: {{stream: IN, durable: work, ack_wait: 5s}}
+    retry: {{max_deliver: 50, backoff: [200ms]}}
+    concurrency: {concurrency}
+    dead_letter: dlq.work
+    idempotency: {idempotency}
+"""
+
+COUNTING = """\
+import asyncio
+
+runs = []
+
+
+async def handle(event: dict, ctx) -> None:
+    runs.append(event["n"])
+    await asyncio.sleep(event.get("sleep", 0))
+"""
+
+
+def manifest(idempotency: str, concurrency: int = 4) -> str:
+    return MANIFEST.format(idempotency=idempotency, concurrency=concurrency)
+
+
+def runs(host: Host) -> list[int]:
+    runtime = host.functions["work"].runtime
+    assert runtime is not None, host.functions["work"].error
+    return list(runtime.loaded.module.runs)
+
+
+async def settled(nc: NatsClient) -> bool:
+    info = await nc.jetstream().consumer_info("IN", "work")
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def publish(nc: NatsClient, n: int, **headers: str) -> None:
+    body: dict[str, Any] = {"n": n}
+    await nc.jetstream().publish("in.x", json.dumps(body).encode(), headers=headers or None)
+
+
+class LoseFirstAck:
+    """Outermost: the first delivery of each message is nak'ed after the chain ran,
+    as if the host died between recording the key and acking."""
+
+    def __init__(self) -> None:
+        self.seen: set[int | None] = set()
+
+    @hookimpl(tryfirst=True)
+    def fnhost_middleware(self) -> Middleware:
+        async def lose(call: Invocation, call_next: CallNext) -> Outcome:
+            outcome = await call_next(call)
+            if call.sequence not in self.seen:
+                self.seen.add(call.sequence)
+                return Nak(0.05, "ack lost (test)")
+            return outcome
+
+        return lose
+
+
+@pytest.mark.parametrize("store", ["memory", "kv"])
+async def test_redelivery_of_a_recorded_key_is_acked_without_running(
+    host_factory: HostFactory, nc: NatsClient, store: str
+) -> None:
+    host = await host_factory(
+        manifest(f"{{store: {store}}}"), {"fn.py": COUNTING}, plugins=[LoseFirstAck()]
+    )
+    for n in range(5):
+        await publish(nc, n)
+    await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
+    assert sorted(runs(host)) == [0, 1, 2, 3, 4]
+    counts = host.metrics.counts("work")
+    # metrics sits inside the test's outermost plugin: it saw the first acks
+    assert (counts.get("ack"), counts.get("duplicate")) == (5, 5)
+
+
+async def test_same_key_header_runs_once(host_factory: HostFactory, nc: NatsClient) -> None:
+    host = await host_factory(manifest("{store: kv, key: 'header:Order-Id'}"), {"fn.py": COUNTING})
+    for n in range(6):
+        await publish(nc, n, **{"Order-Id": f"order-{n % 2}"})
+    await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
+    assert len(runs(host)) == 2
+    assert host.metrics.counts("work").get("duplicate") == 4
+
+
+async def test_a_live_lease_is_waited_on_without_using_a_delivery(
+    host_factory: HostFactory, nc: NatsClient
+) -> None:
+    host = await host_factory(
+        manifest("{store: kv, key: 'header:Order-Id'}", concurrency=4), {"fn.py": COUNTING}
+    )
+    js = nc.jetstream()
+    for n in range(3):
+        body = json.dumps({"n": n, "sleep": 0.5}).encode()
+        await js.publish("in.x", body, headers={"Order-Id": "same"})
+    await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
+    assert len(runs(host)) == 1
+    info = await js.consumer_info("IN", "work")
+    assert info.num_redelivered == 0
+    counts = host.metrics.counts("work")
+    assert (counts.get("ack"), counts.get("duplicate"), counts.get("nak", 0)) == (1, 2, 0)
+
+
+async def test_missing_key_header_is_dead_lettered(
+    host_factory: HostFactory, nc: NatsClient
+) -> None:
+    host = await host_factory(
+        manifest("{store: memory, key: 'header:Order-Id'}"), {"fn.py": COUNTING}
+    )
+    await publish(nc, 1)
+    await wait_for(lambda: settled(nc), timeout=20, message="the message settled")
+    assert runs(host) == []
+    dead = await nc.jetstream().get_last_msg("DLQ", "dlq.work")
+    assert dead.headers is not None
+    assert "Order-Id" in dead.headers["Fnhost-Error"]
+
+
+async def test_key_from_a_module_function(host_factory: HostFactory, nc: NatsClient) -> None:
+    files = {
+        "fn.py": COUNTING,
+        "keys.py": "import json\n\ndef order_id(data, ctx):\n    return json.loads(data)['o']\n",
+    }
+    host = await host_factory(manifest("{store: memory, key: 'keys:order_id'}"), files)
+    import sys
+
+    sys.path.insert(0, str(host.manifest.root))
+    try:
+        js = nc.jetstream()
+        for n in range(4):
+            await js.publish("in.x", json.dumps({"n": n, "o": n // 2}).encode())
+        await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
+    finally:
+        sys.path.remove(str(host.manifest.root))
+    assert len(runs(host)) == 2
+
+
+async def test_store_down_naks_reports_and_recovers(
+    host_factory: HostFactory, nc: NatsClient, redis_server: RedisServer
+) -> None:
+    host = await host_factory(
+        manifest(f"{{store: redis, url: '{redis_server.url}'}}"), {"fn.py": COUNTING}
+    )
+    assert readiness(host) == []
+    await publish(nc, 1)
+    await wait_for(lambda: settled(nc), timeout=20, message="the first message acked")
+    redis_server.kill()
+    await publish(nc, 2)
+    await wait_for(
+        lambda: "idempotency:redis" in host.problems, timeout=20, message="store reported down"
+    )
+    assert any(reason.startswith("idempotency:redis: ") for reason in readiness(host))
+    assert runs(host) == [1]
+    assert host.metrics.counts("work").get("nak", 0) >= 1
+    assert not await settled(nc)  # never acked unprocessed
+    redis_server.start()
+    await wait_for(lambda: settled(nc), timeout=30, message="the message handled after recovery")
+    assert runs(host) == [1, 2]
+    assert readiness(host) == []
+
+
+POSTGRES_EFFECT = """\
+import psycopg
+
+DSN = {dsn!r}
+runs = []
+
+
+async def handle(event: dict, ctx) -> None:
+    runs.append(event["n"])
+    async with await psycopg.AsyncConnection.connect(DSN) as conn:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO effects (n) VALUES (%s)", (event["n"],))
+            await ctx.idempotency.record_in(conn)
+"""
+
+
+async def test_postgres_record_in_commits_effect_and_key_together(
+    host_factory: HostFactory, nc: NatsClient, postgres_dsn: str
+) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as db:
+        db.execute("CREATE TABLE effects (n int PRIMARY KEY)")
+    host = await host_factory(
+        manifest(f"{{store: postgres, url: '{postgres_dsn}'}}"),
+        {"fn.py": POSTGRES_EFFECT.format(dsn=postgres_dsn)},
+        plugins=[LoseFirstAck()],
+    )
+    for n in range(5):
+        await publish(nc, n)
+    await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
+    assert sorted(runs(host)) == [0, 1, 2, 3, 4]
+    assert host.metrics.counts("work").get("duplicate") == 5
+    with psycopg.connect(postgres_dsn) as db:
+        assert db.execute("SELECT count(*) FROM effects").fetchone() == (5,)
+        done = db.execute("SELECT count(*) FROM fnhost_idempotency WHERE state = 'D'").fetchone()
+        assert done == (5,)

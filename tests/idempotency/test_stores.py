@@ -1,0 +1,149 @@
+"""Every idempotency store keeps the same contract: begin / record / release,
+lease take-over after expiry, record TTLs, and one winner in a race (CAS).
+
+Real servers: nats-server (kv), redis-server, PostgreSQL; nothing mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import nats
+import pytest
+
+from fnhost.idempotency import Store
+from fnhost.idempotency.kv import KVStore
+from fnhost.idempotency.memory import MemoryStore
+from fnhost.idempotency.postgres import PostgresStore
+from fnhost.idempotency.redis import RedisStore
+from fnhost_sdk.server import NatsServer
+from fnhost_sdk.waiting import wait_for
+
+StoreFactory = Callable[[str], Awaitable[Store]]
+KINDS = ["memory", "kv", "redis", "postgres"]
+
+
+@pytest.fixture(params=KINDS)
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """Stores of one kind; each call is another host (its own holder id) on the same data."""
+    kind: str = request.param
+    stores: list[Store] = []
+    closers: list[Callable[[], Awaitable[None]]] = []
+    shared: dict[str, object] = {}
+
+    async def make(holder: str) -> Store:
+        store: Store
+        if kind == "memory":
+            # One process, one dict: "another host" shares the same store object.
+            if "memory" not in shared:
+                shared["memory"] = MemoryStore("h0")
+            return shared["memory"]  # type: ignore[return-value]
+        if kind == "kv":
+            if "js" not in shared:
+                server: NatsServer = request.getfixturevalue("nats_server")
+                nc = await nats.connect(server.url)
+                closers.append(nc.close)
+                shared["js"] = nc.jetstream()
+            js = shared["js"]
+            store = KVStore(lambda: js, "idem_test", holder, ttl=3600)  # type: ignore[arg-type]
+        elif kind == "redis":
+            store = RedisStore(request.getfixturevalue("redis_url"), "idem", holder)
+        else:
+            store = PostgresStore(request.getfixturevalue("postgres_dsn"), "idem", holder)
+        await store.start()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+    for close in closers:
+        await close()
+
+
+pytestmark = pytest.mark.nats
+
+
+async def test_begin_record_duplicate(make_store: StoreFactory) -> None:
+    store = await make_store("a")
+    key = store.encoder("fn")("msg-1")
+    first = await store.begin(key, 30)
+    assert first.state == "new"
+    again = await store.begin(key, 30)
+    assert again.state == "leased"
+    assert time.time() < again.expires_at <= time.time() + 31
+    await store.record(key, first.token, 3600)
+    assert (await store.begin(key, 30)).state == "done"
+
+
+async def test_functions_do_not_share_keys(make_store: StoreFactory) -> None:
+    store = await make_store("a")
+    one, two = store.encoder("one")("same id/1"), store.encoder("two")("same id/1")
+    assert one != two
+    begin = await store.begin(one, 30)
+    await store.record(one, begin.token, 3600)
+    assert (await store.begin(two, 30)).state == "new"
+
+
+async def test_release_frees_only_our_own_lease(make_store: StoreFactory) -> None:
+    store = await make_store("a")
+    key = store.encoder("fn")("msg-2")
+    first = await store.begin(key, 30)
+    await store.release(key, "not-the-holder")
+    assert (await store.begin(key, 30)).state == "leased"
+    await store.release(key, first.token)
+    second = await store.begin(key, 30)
+    assert second.state == "new"
+    assert second.token != first.token
+    await store.release(key, first.token)  # the old holder's late release is a no-op
+    assert (await store.begin(key, 30)).state == "leased"
+
+
+async def test_expired_lease_is_taken_over(make_store: StoreFactory) -> None:
+    a, b = await make_store("a"), await make_store("b")
+    key = a.encoder("fn")("msg-3")
+    first = await a.begin(key, 0.3)
+    assert first.state == "new"
+    taken: list[object] = []
+
+    async def takeover() -> bool:
+        begin = await b.begin(key, 30)
+        if begin.state == "new":
+            taken.append(begin.token)
+        return bool(taken)
+
+    await wait_for(takeover, timeout=10, interval=0.05, message="the expired lease taken over")
+    await a.release(key, first.token)  # too late: no longer a's
+    assert (await a.begin(key, 30)).state == "leased"
+    # a's late record still records: its effect happened
+    await a.record(key, first.token, 3600)
+    assert (await b.begin(key, 30)).state == "done"
+
+
+async def test_record_expires_after_its_ttl(make_store: StoreFactory) -> None:
+    store = await make_store("a")
+    key = store.encoder("fn")("msg-4")
+    begin = await store.begin(key, 30)
+    await store.record(key, begin.token, 0.3)
+    assert (await store.begin(key, 30)).state == "done"
+
+    async def forgotten() -> bool:
+        return (await store.begin(key, 30)).state == "new"
+
+    await wait_for(forgotten, timeout=10, interval=0.05, message="the record forgotten")
+
+
+@pytest.mark.parametrize("expired", [False, True], ids=["fresh", "expired"])
+async def test_one_winner_in_a_race(make_store: StoreFactory, expired: bool) -> None:
+    stores = [await make_store(f"h{i}") for i in range(4)]
+    key = stores[0].encoder("fn")(f"race-{expired}")
+    if expired:
+        assert (await stores[0].begin(key, 0.2)).state == "new"
+        lapsed = time.time() + 0.4
+        await wait_for(lambda: time.time() > lapsed, timeout=5, message="the lease lapsed")
+    results = await asyncio.gather(*(stores[i % 4].begin(key, 30) for i in range(24)))
+    states = sorted(r.state for r in results)
+    assert states.count("new") == 1, states
+    assert states.count("leased") == 23
