@@ -172,9 +172,18 @@ def _gateway(host: Host, gateway: GatewayConfig) -> Any:
         state = host.functions.get(request.path_params["function"])
         if state is None or state.spec.trigger.kind != "request" or not state.spec.trigger.request:
             return JSONResponse({"error": "no request function by that name"}, status_code=404)
+        # An HTTP caller's W3C trace context continues into the function.
+        carried = {
+            name: value
+            for name in (h.TRACEPARENT, h.TRACESTATE)
+            if (value := request.headers.get(name)) is not None
+        }
         try:
             reply = await host.nc.request(
-                state.spec.trigger.request, await request.body(), timeout=30
+                state.spec.trigger.request,
+                await request.body(),
+                timeout=30,
+                headers=carried or None,
             )
         except nats.errors.NoRespondersError:
             return JSONResponse({"error": "no function answers"}, status_code=503)
