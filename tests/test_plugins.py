@@ -1,0 +1,348 @@
+"""fnhost.plugins: third-party plugins from ``plugins:`` and the built-in ``timeout``,
+on a real nats-server.
+
+The plugins live in ``tests/plugins_for_tests`` and record what they see in
+:mod:`plugins_for_tests.record`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from fnhost.host import Host
+from fnhost_sdk.testing import wait_for
+from plugins_for_tests import record
+
+pytestmark = pytest.mark.nats
+
+ERROR = "Nats-Service-Error"
+CODE = "Nats-Service-Error-Code"
+
+ORDERING_PLUGINS = [
+    "plugins_for_tests.alpha",
+    "plugins_for_tests.beta",
+    "plugins_for_tests.outermost",
+    "plugins_for_tests.innermost",
+]
+
+# Outermost first: tryfirst, then the manifest's plugins with the last listed outside
+# (pluggy calls the last registered first), the built-ins, then trylast.
+CHAIN = ["outermost", "beta", "alpha", "innermost"]
+
+
+@pytest.fixture(autouse=True)
+def clean_record() -> Iterator[None]:
+    record.reset()
+    yield
+    record.reset()
+
+
+@pytest.fixture
+def run_host(host_factory):
+    """``host_factory``, then two round trips so the server holds the subscriptions."""
+
+    async def go(*args: Any, **kwargs: Any) -> Host:
+        host = await host_factory(*args, **kwargs)
+        await host.nc.flush()
+        await host.nc.flush()
+        return host
+
+    return go
+
+
+def manifest(functions: str, plugins: list[str], streams: str = "") -> str:
+    return (
+        "version: 1\nhttp: false\n"
+        + (f"streams:\n{streams}" if streams else "")
+        + f"plugins: [{', '.join(plugins)}]\n"
+        + "functions:\n"
+        + functions
+    )
+
+
+def module_of(host: Host, function: str) -> Any:
+    runtime = host.functions[function].runtime
+    assert runtime is not None, host.functions[function].error
+    return runtime.loaded.module
+
+
+def events_of(function: str) -> list[tuple[str, str, Any]]:
+    """(plugin, enter|exit, detail) for one function, in the order they happened."""
+    return [(plugin, what, detail) for plugin, what, fn, detail in record.EVENTS if fn == function]
+
+
+def one_invocation(data: bytes, inner: str, outer: str | None = None) -> list[tuple[str, str, Any]]:
+    """The events of one invocation passing through CHAIN: ``inner`` is what the innermost
+    plugin saw come back, ``outer`` what the others saw (the same unless the built-ins
+    between them turned an exception into an outcome)."""
+    outer = outer or inner
+    entering = [(plugin, "enter", data) for plugin in CHAIN]
+    leaving = [("innermost", "exit", inner)] + [
+        (plugin, "exit", outer) for plugin in reversed(CHAIN[:-1])
+    ]
+    return entering + leaving
+
+
+# -------------------------------------------------------------------- ordering
+
+KINDS = """\
+    SEEN = []
+
+
+    async def answer(data: dict) -> dict:
+        return {"n": data["n"]}
+
+
+    async def fail(data: dict) -> dict:
+        raise ValueError("no")
+
+
+    async def note(data: dict) -> None:
+        SEEN.append(("note", data["n"]))
+
+
+    async def consume(data: dict) -> None:
+        SEEN.append(("consume", data["n"]))
+"""
+
+KINDS_FUNCTIONS = """\
+  answer: {module: fn.py, handler: answer, trigger: {request: p.answer}}
+  fail: {module: fn.py, handler: fail, trigger: {request: p.fail}}
+  note: {module: fn.py, handler: note, trigger: {subject: p.note}}
+  consume: {module: fn.py, handler: consume, trigger: {stream: P, subjects: [p.in]}}
+"""
+
+
+async def test_a_third_party_middleware_wraps_every_invocation_in_order(
+    run_host, nc: NatsClient
+) -> None:
+    host = await run_host(
+        manifest(KINDS_FUNCTIONS, ORDERING_PLUGINS, streams='  P: {subjects: ["p.in"]}\n'),
+        {"fn.py": KINDS},
+    )
+    reply = await nc.request("p.answer", b'{"n": 1}', timeout=5)
+    assert json.loads(reply.data) == {"n": 1}
+    assert events_of("answer") == one_invocation(b'{"n": 1}', "Reply")
+
+    # The built-in retry middleware, between alpha and innermost, turns the exception
+    # into an error reply: plugins outside it see an outcome, never the exception.
+    reply = await nc.request("p.fail", b'{"n": 2}', timeout=5)
+    assert reply.headers is not None and reply.headers[CODE] == "500"
+    assert events_of("fail") == one_invocation(b'{"n": 2}', "raised ValueError", "Reply")
+
+    await nc.publish("p.note", b'{"n": 3}')
+    note = module_of(host, "note")  # (each function loads its own copy of the module)
+    await wait_for(lambda: ("note", 3) in note.SEEN, message="the subject function ran")
+    await wait_for(lambda: len(events_of("note")) == 8, message="all plugins left")
+    assert events_of("note") == one_invocation(b'{"n": 3}', "Ack")
+
+    await nc.jetstream().publish("p.in", b'{"n": 4}')
+    consume = module_of(host, "consume")
+    await wait_for(lambda: ("consume", 4) in consume.SEEN, message="the stream function ran")
+    await wait_for(lambda: len(events_of("consume")) == 8, message="all plugins left")
+    assert events_of("consume") == one_invocation(b'{"n": 4}', "Ack")
+
+
+async def test_plugins_listed_in_the_other_order_nest_the_other_way(
+    run_host, nc: NatsClient
+) -> None:
+    await run_host(
+        manifest(
+            "  answer: {module: fn.py, handler: answer, trigger: {request: p.answer}}\n",
+            ["plugins_for_tests.beta", "plugins_for_tests.alpha"],
+        ),
+        {"fn.py": KINDS},
+    )
+    await nc.request("p.answer", b'{"n": 1}', timeout=5)
+    assert [(plugin, what) for plugin, what, _ in events_of("answer")] == [
+        ("alpha", "enter"),
+        ("beta", "enter"),
+        ("beta", "exit"),
+        ("alpha", "exit"),
+    ]
+
+
+async def test_the_chain_is_composed_once_per_load_and_no_hook_runs_per_message(
+    run_host, nc: NatsClient, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("FNHOST_TRACE_HOOKS", "1")
+    await run_host(
+        manifest(
+            "  answer: {module: fn.py, handler: answer, trigger: {request: p.answer}}\n"
+            "  note: {module: fn.py, handler: note, trigger: {subject: p.note}}\n",
+            ORDERING_PLUGINS,
+        ),
+        {"fn.py": KINDS},
+    )
+    at_start = [line for line in capsys.readouterr().err.splitlines() if "fnhost_" in line]
+    assert any("fnhost_middleware" in line for line in at_start), "hook tracing is on"
+    assert sorted(record.FACTORY_CALLS) == sorted(
+        (plugin, function) for plugin in CHAIN for function in ("answer", "note")
+    )
+
+    for n in range(100):
+        reply = await nc.request("p.answer", json.dumps({"n": n}).encode(), timeout=5)
+        assert json.loads(reply.data) == {"n": n}
+        await nc.publish("p.note", json.dumps({"n": n}).encode())
+    await wait_for(lambda: len(events_of("note")) == 800, message="100 notes through 4 plugins")
+
+    assert len(events_of("answer")) == 800
+    during = [line for line in capsys.readouterr().err.splitlines() if "fnhost_" in line]
+    assert during == [], "a hook was called while messages flowed"
+    assert len(record.FACTORY_CALLS) == 8, "each factory once per function load"
+
+
+# ------------------------------------------------------------------- lifecycle
+
+
+async def test_startup_and_shutdown_hooks_bracket_the_functions(run_host, nc) -> None:
+    host = await run_host(
+        manifest(
+            "  answer: {module: fn.py, handler: answer, trigger: {request: p.answer}}\n"
+            "  note: {module: fn.py, handler: note, trigger: {subject: p.note}}\n",
+            ["plugins_for_tests.lifecycle"],
+        ),
+        {"fn.py": KINDS},
+    )
+    # Startup ran connected, before any trigger started.
+    assert record.LIFECYCLE == [("startup", {"connected": True, "triggers": 0})]
+    await nc.request("p.answer", b'{"n": 1}', timeout=5)
+
+    await host.drain()
+
+    # Shutdown ran after every function drained, before the connection closed.
+    assert record.LIFECYCLE == [
+        ("startup", {"connected": True, "triggers": 0}),
+        ("shutdown", {"connected": True, "statuses": ["stopped", "stopped"]}),
+    ]
+    assert host.nc.is_closed
+
+
+# -------------------------------------------------------------------- outgoing
+
+STAMPED = """\
+    async def handle(data: dict, ctx) -> dict:
+        await ctx.publish("p.side", {"side": data["n"]})
+        return {"n": data["n"]}
+"""
+
+
+async def test_an_outgoing_hook_decorates_every_publish_of_the_function(
+    run_host, nc: NatsClient
+) -> None:
+    await run_host(
+        manifest(
+            "  stamped: {module: fn.py, trigger: {request: p.stamped}, output: p.out}\n",
+            ["plugins_for_tests.stamp"],
+        ),
+        {"fn.py": STAMPED},
+    )
+    side = await nc.subscribe("p.side")
+    out = await nc.subscribe("p.out")
+    await nc.request("p.stamped", b'{"n": 5}', timeout=5)
+
+    for sub, subject in ((side, "p.side"), (out, "p.out")):
+        msg = await sub.next_msg(timeout=5)
+        assert msg.headers is not None
+        assert msg.headers["X-Stamped-By"] == "stamped"
+        assert msg.headers["X-Stamped-Subject"] == subject
+
+
+# --------------------------------------------------------------------- timeout
+
+SLOW = """\
+    import asyncio
+    import threading
+
+    CANCELLED = []
+    RELEASE = threading.Event()
+    ATTEMPTS = []
+
+
+    async def sleepy(data: dict) -> dict:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            CANCELLED.append(data["n"])
+            raise
+        return {"n": data["n"]}
+
+
+    def blocking(data: dict) -> dict:
+        RELEASE.wait(10)
+        return {"n": data["n"]}
+
+
+    async def quick(data: dict) -> dict:
+        return {"n": data["n"]}
+
+
+    async def slow_once(data: dict, ctx) -> None:
+        ATTEMPTS.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await asyncio.sleep(30)
+"""
+
+TIMEOUT_FUNCTIONS = """\
+  sleepy: {module: fn.py, handler: sleepy, trigger: {request: p.sleepy}, timeout: 300ms}
+  blocking: {module: fn.py, handler: blocking, trigger: {request: p.blocking}, timeout: 300ms}
+  quick: {module: fn.py, handler: quick, trigger: {request: p.quick}, timeout: 300ms}
+"""
+
+
+async def test_a_handler_past_its_timeout_is_cancelled_and_answered_with_500(
+    run_host, nc: NatsClient
+) -> None:
+    host = await run_host(manifest(TIMEOUT_FUNCTIONS, []), {"fn.py": SLOW})
+    module = module_of(host, "sleepy")
+
+    reply = await nc.request("p.sleepy", b'{"n": 1}', timeout=10)
+    assert reply.headers is not None
+    assert reply.headers[CODE] == "500"
+    assert "'sleepy'" in reply.headers[ERROR]
+    assert "timeout of 0.3s" in reply.headers[ERROR]
+    assert module.CANCELLED == [1], "the handler was cancelled, not left running"
+
+    # A plain def cannot be interrupted: the caller still gets its 500 at the deadline.
+    try:
+        reply = await nc.request("p.blocking", b'{"n": 2}', timeout=10)
+        assert reply.headers is not None
+        assert reply.headers[CODE] == "500"
+        assert "'blocking'" in reply.headers[ERROR]
+    finally:
+        module.RELEASE.set()
+
+    reply = await nc.request("p.quick", b'{"n": 3}', timeout=5)
+    assert json.loads(reply.data) == {"n": 3}
+    assert not reply.headers
+
+
+async def test_a_stream_handler_past_its_timeout_is_not_acked_but_retried(
+    run_host, nc: NatsClient
+) -> None:
+    host = await run_host(
+        manifest(
+            "  slow-once:\n    module: fn.py\n    handler: slow_once\n"
+            "    trigger: {stream: P, subjects: [p.in]}\n"
+            "    timeout: 300ms\n    retry: {max_deliver: 3, backoff: [100ms]}\n",
+            [],
+            streams='  P: {subjects: ["p.in"]}\n',
+        ),
+        {"fn.py": SLOW},
+    )
+    module = module_of(host, "slow-once")
+    js: JetStreamContext = nc.jetstream()
+    await js.publish("p.in", b"{}")
+
+    async def settled() -> bool:
+        info = await js.consumer_info("P", "slow-once")
+        return info.ack_floor.stream_seq == 1 and info.num_ack_pending == 0
+
+    await wait_for(settled, message="acked after the retry")
+    assert module.ATTEMPTS == [1, 2], "the timed-out attempt was not acked"
