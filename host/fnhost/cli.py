@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fnhost.cli_deploy import register as register_deploy_commands
 from fnhost.cli_dlq import dlq_app
 from fnhost.errors import ConfigError, FnhostError, LoadError, ManifestError
 from fnhost.manifest import Manifest, load_manifest
@@ -373,3 +374,6 @@ async def _stream_on_server(nc: Any, subject: str) -> str | None:
     except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
         return None
     return name
+
+
+register_deploy_commands(app)  # deploy, ls, rm, rollback, keygen

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +25,7 @@ from fnhost.embedded import EmbeddedNats
 from fnhost.errors import FnhostError, LoadError
 from fnhost.http import HttpServer
 from fnhost.invocation import build_endpoint, compose
-from fnhost.loader import load_function, user_traceback
+from fnhost.loader import LoadedFunction, load_function, user_traceback
 from fnhost.manifest import FunctionSpec, Manifest
 from fnhost.metrics import HostMetrics
 from fnhost.plugins.manager import PluginManager
@@ -52,6 +52,8 @@ class FunctionState:
     trigger: Trigger | None = None
     error: str | None = None
     executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+    loader: Callable[[FunctionSpec], LoadedFunction] | None = field(default=None, repr=False)
+    """Where the code comes from when not the manifest's module (a deployed artifact)."""
 
     @property
     def status(self) -> FunctionStatus:
@@ -155,7 +157,7 @@ class Host:
 
     def build_runtime(self, spec: FunctionSpec, state: FunctionState) -> FunctionRuntime:
         """Load ``spec``'s module afresh and compose its chain (raises :class:`LoadError`)."""
-        loaded = load_function(spec, self.manifest)
+        loaded = state.loader(spec) if state.loader else load_function(spec, self.manifest)
         executor = None
         if not loaded.is_async:
             if state.executor is None:

@@ -1,8 +1,9 @@
 """fnhost_sdk: what function authors and calling services import.
 
 Function authors: :class:`Context`, :class:`Retry`, :class:`Reject`.
-Callers: :class:`Client` and :class:`ServiceError`. Tests: the pytest plugin
-:mod:`fnhost_sdk.testing` (fixtures ``nats_server``, ``nats_cluster``).
+Callers: :class:`Client` and :class:`ServiceError`. Deploying from Python:
+:func:`deploy` and the :func:`function` decorator (:mod:`fnhost_sdk.deploy`).
+Tests: the pytest plugin :mod:`fnhost_sdk.testing` (fixtures ``nats_server``, ``nats_cluster``).
 
 This package must stay light: it imports nats-py and pydantic, never the
 host's HTTP, metrics or reload dependencies.
@@ -10,6 +11,7 @@ host's HTTP, metrics or reload dependencies.
 
 from fnhost_sdk.client import Client
 from fnhost_sdk.context import Context
+from fnhost_sdk.deploy import deploy, function
 from fnhost_sdk.errors import FnhostError, PayloadError, Reject, Retry, ServiceError
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "Reject",
     "Retry",
     "ServiceError",
+    "deploy",
+    "function",
 ]

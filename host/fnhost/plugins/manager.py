@@ -38,6 +38,8 @@ BUILTIN_PLUGINS = (
     "fnhost.plugins.logging",
     "fnhost.plugins.tracing",
     "fnhost.plugins.deadletter",
+    # Not a middleware: reads the deploy registry at startup, before any trigger starts.
+    "fnhost.plugins.registry",
 )
 
 
