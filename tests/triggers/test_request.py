@@ -146,6 +146,14 @@ ENCODINGS = """\
 
     async def as_none(data: bytes) -> None:
         return None
+
+
+    async def as_list(data: list) -> list:
+        return list(reversed(data))
+
+
+    async def model_in(data: Greeting) -> str:
+        return data.text * data.count
 """
 
 
@@ -154,7 +162,16 @@ def encodings_manifest() -> str:
         "".join(
             f"  {name}:\n    module: fn.py\n    handler: {name.replace('-', '_')}\n"
             f"    trigger: {{request: enc.{name}}}\n"
-            for name in ("as-dict", "as-str", "as-bytes", "as-model", "as-dataclass", "as-none")
+            for name in (
+                "as-dict",
+                "as-str",
+                "as-bytes",
+                "as-model",
+                "as-dataclass",
+                "as-none",
+                "as-list",
+                "model-in",
+            )
         )
     )
 
@@ -181,6 +198,26 @@ async def test_reply_encodes_the_return_value_by_its_type(run_host, nc: NatsClie
     reply = await nc.request("enc.as-none", b"anything", timeout=5)
     assert reply.data == b""
     assert not (reply.headers or {}).get(CODE)
+
+    reply = await nc.request("enc.as-list", b'[1, "two", {"three": 3}]', timeout=5)
+    assert json.loads(reply.data) == [{"three": 3}, "two", 1]
+
+    reply = await nc.request("enc.model-in", b'{"text": "ab", "count": 3}', timeout=5)
+    assert reply.data == b"ababab"
+
+
+async def test_json_of_the_wrong_shape_is_a_400_reply(run_host, nc: NatsClient) -> None:
+    await run_host(encodings_manifest(), {"fn.py": ENCODINGS})
+    for subject, payload, expected in (
+        ("enc.as-dict", b"[1, 2]", "not an object"),
+        ("enc.as-list", b'{"a": 1}', "not an array"),
+        ("enc.as-dataclass", b"[1, 2]", "Point"),
+        ("enc.model-in", b'{"text": "ab"}', "count"),
+    ):
+        reply = await nc.request(subject, payload, timeout=5)
+        assert reply.headers is not None, subject
+        assert reply.headers[CODE] == "400", subject
+        assert expected in reply.headers[ERROR], (subject, reply.headers[ERROR])
 
 
 # ---------------------------------------------------------------------- errors

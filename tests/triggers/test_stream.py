@@ -591,19 +591,36 @@ async def test_the_consumer_on_the_server_matches_the_manifest(
     assert not config.backoff
 
 
-async def test_starting_a_host_with_a_changed_manifest_updates_the_consumer(
+async def test_provisioning_is_idempotent_and_updates_a_changed_consumer_in_place(
     host_factory, js: JetStreamContext
 ) -> None:
-    await host_factory(manifest(trigger=", ack_wait: 10s"), {"fn.py": RECORD})
-    assert (await consumer(js)).config.ack_wait == 10.0
+    first = await host_factory(manifest(trigger=", ack_wait: 10s"), {"fn.py": RECORD})
+    await js.publish("in.a", b'{"i": 1}')
+    await wait_for(lambda: module_of(first).SEEN, message="the first message handled")
+    await settled(js, total=1)
+    original = await consumer(js)
+    assert original.config.ack_wait == 10.0
 
+    # The same manifest again (a second host): the consumer is left as it is.
+    await host_factory(manifest(trigger=", ack_wait: 10s"), {"fn.py": RECORD})
+    again = await consumer(js)
+    assert again.created == original.created
+    assert again.config == original.config
+    assert again.ack_floor.stream_seq == 1
+
+    # A changed manifest: updated in place, its position kept (not deleted and re-created,
+    # which would deliver message 1 again under the `all` deliver policy).
     await host_factory(
         manifest(trigger=", ack_wait: 20s", retry="{max_deliver: 7, backoff: [1s]}"),
         {"fn.py": RECORD},
     )
-    config = (await consumer(js)).config
-    assert config.ack_wait == 20.0
-    assert config.max_deliver == 7
+    updated = await consumer(js)
+    assert updated.config.ack_wait == 20.0
+    assert updated.config.max_deliver == 7
+    assert not updated.config.backoff
+    assert updated.created == original.created
+    assert updated.ack_floor.stream_seq == 1
+    assert updated.num_pending == 0
 
 
 @pytest.mark.slow

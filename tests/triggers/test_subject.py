@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -145,3 +146,80 @@ async def test_a_raising_handler_does_not_stop_later_messages(run_host, nc: Nats
     # And the function still works afterwards.
     await nc.publish("events.happened", b'{"i": 100}')
     await wait_for(lambda: 100 in module.DONE, message="a later message handled")
+
+
+TRANSFORM = """\
+    SEEN = []
+
+
+    async def handle(data: dict) -> dict | None:
+        SEEN.append(data)
+        if data.get("skip"):
+            return None
+        return {"tripled": data["n"] * 3}
+"""
+
+
+async def test_output_publishes_the_return_value(run_host, nc: NatsClient) -> None:
+    host = await run_host(
+        """\
+        version: 1
+        http: false
+        functions:
+          notify:
+            module: fn.py
+            trigger: {subject: "events.happened"}
+            output: events.tripled
+        """,
+        {"fn.py": TRANSFORM},
+    )
+    out = await nc.subscribe("events.tripled")
+    await nc.flush()
+    await nc.publish("events.happened", b'{"n": 1, "skip": true}')
+    await nc.publish("events.happened", b'{"n": 5}')
+
+    published = await out.next_msg(timeout=5)
+    assert json.loads(published.data) == {"tripled": 15}, "None is not published"
+    await wait_for(lambda: len(seen(host)) == 2, message="both messages handled")
+
+    await nc.publish("events.happened", b'{"n": 2}')
+    published = await out.next_msg(timeout=5)
+    assert json.loads(published.data) == {"tripled": 6}
+    assert out.pending_msgs == 0, "exactly one output per non-None result"
+
+
+TYPED = """\
+    from pydantic import BaseModel
+
+    SEEN = []
+
+
+    class Event(BaseModel):
+        i: int
+
+
+    async def handle(event: Event) -> None:
+        SEEN.append(event.i)
+"""
+
+
+async def test_an_undecodable_message_is_logged_with_the_function_and_skipped(
+    run_host, nc: NatsClient, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="fnhost")
+    host = await run_host(manifest(), {"fn.py": TYPED})
+    await nc.publish("events.happened", b"not json")
+    await nc.publish("events.happened", b'{"i": "one"}')
+    await nc.publish("events.happened", b'{"i": 1}')
+
+    def failures() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.ERROR and "function notify" in r.getMessage()
+        ]
+
+    await wait_for(lambda: seen(host) == [1], message="the good message handled")
+    await wait_for(lambda: len(failures()) == 2, message="both bad messages logged")
+    assert all("payload does not fit Event" in message for message in failures()), failures()
+    assert host.functions["notify"].status == "running"
