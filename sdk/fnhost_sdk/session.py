@@ -39,6 +39,9 @@ PUBLISH_DEADLINE = 30.0
 _RETRYABLE_PUBLISH_ERRORS = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
+    # js.publish turns "no responders" into this: no stream captures the subject
+    # (yet: a stream being created, a server restarting, a leader being elected).
+    nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
 )
 
