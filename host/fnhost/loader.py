@@ -50,6 +50,10 @@ def load_function(spec: FunctionSpec, manifest: Manifest) -> LoadedFunction:
 def import_fresh(spec: FunctionSpec, manifest: Manifest) -> ModuleType:
     """Import the function's module as a new module object."""
     where = _where(spec, manifest, "module")
+    # The module and the project-local modules it imports resolve from the project root.
+    root = str(manifest.root)
+    if root not in sys.path:
+        sys.path.insert(0, root)
     path = spec.module_path
     if path is not None:
         if not path.is_file():
@@ -66,9 +70,6 @@ def import_fresh(spec: FunctionSpec, manifest: Manifest) -> ModuleType:
             raise LoadError(f"{where}: function {spec.name!r}: no module named {name!r}")
     if module_spec is None or module_spec.loader is None:
         raise LoadError(f"{where}: function {spec.name!r}: cannot import {spec.module!r}")
-    root = str(manifest.root)
-    if root not in sys.path:
-        sys.path.insert(0, root)
     module = importlib.util.module_from_spec(module_spec)
     previous = sys.modules.get(name)
     sys.modules[name] = module
