@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Literal
 from rich.console import Console
 from rich.logging import RichHandler
 
+from fnhost.tracecontext import trace_id
+
 if TYPE_CHECKING:
     from fnhost.types import Invocation
 
@@ -40,7 +42,8 @@ class InvocationContext(logging.Filter):
             fields.setdefault("subject", inv.subject)
             fields.setdefault("message_id", inv.idempotency_key)
             fields.setdefault("attempt", inv.attempt)
-            fields.setdefault("trace_id", inv.trace_id)
+            if "trace_id" not in fields:
+                fields["trace_id"] = trace_id(inv)
         return True
 
 

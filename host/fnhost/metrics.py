@@ -7,9 +7,14 @@ with every message under exactly one outcome, ``fnhost_invocation_duration_secon
 ``fnhost_consumer_pending_messages{stream,consumer}`` refreshed from consumer
 info every few seconds so an autoscaler (KEDA, HPA) can scale on it.
 
-Label children are resolved once per function load; per message the
-middleware does a few increments and one histogram observation. The
-built-in plugin :mod:`fnhost.plugins.metrics` puts it in every chain.
+The per-message numbers are plain attributes of one small object per
+function, bumped by the middleware and turned into metric families only when
+``/metrics`` is scraped (a custom collector). prometheus-client's own
+counters take a lock per increment and walk the histogram buckets in Python:
+about 3 us a message on this machine, against well under 1 us here. No lock
+is needed because every update happens on the host's event loop (the
+middleware runs there, plain-``def`` handlers only run *inside* it on a
+thread), and so does every scrape.
 """
 
 from __future__ import annotations
@@ -17,17 +22,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
 from prometheus_client.samples import Sample
 
@@ -46,7 +52,25 @@ PENDING_REFRESH = 5.0
 # The *_created series double every counter for no use of ours (process-wide switch).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+"""Upper bounds (seconds) of the invocation duration histogram; ``+Inf`` is added."""
+
+# The ``le`` labels as prometheus-client writes them ("0.0005", "1.0", "+Inf").
+_BOUND_LABELS = [repr(float(bound)) for bound in BUCKETS] + ["+Inf"]
+
+
+class FunctionStats:
+    """The running numbers of one function (kept across reloads of the function)."""
+
+    __slots__ = ("buckets", "dead_lettered", "duration_sum", "inflight", "outcomes", "redeliveries")
+
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.inflight = 0
+        self.redeliveries = 0
+        self.dead_lettered = 0
 
 
 class HostMetrics:
@@ -54,63 +78,33 @@ class HostMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
-        self.messages = Counter(
-            "fnhost_messages",
-            "Messages handled, by outcome.",
-            ["function", "outcome"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "fnhost_invocation_duration_seconds",
-            "Time from message to outcome.",
-            ["function"],
-            buckets=_BUCKETS,
-            registry=registry,
-        )
-        self.published = Counter(
-            "fnhost_messages_published",
-            "Messages published by functions.",
-            ["subject"],
-            registry=registry,
-        )
-        self.inflight = Gauge(
-            "fnhost_inflight", "Invocations running now.", ["function"], registry=registry
-        )
-        self.redeliveries = Counter(
-            "fnhost_redeliveries",
-            "Stream deliveries after the first.",
-            ["function"],
-            registry=registry,
-        )
-        self.dead_lettered = Counter(
-            "fnhost_dead_lettered",
-            "Messages sent to a dead-letter subject.",
-            ["function"],
-            registry=registry,
-        )
+        self.functions: dict[str, FunctionStats] = {}
+        self.published: dict[str, int] = {}
+        self.registry.register(self)  # a collector: it has collect()
         self.pending = Gauge(
             "fnhost_consumer_pending_messages",
             "Messages not yet delivered to the consumer.",
             ["stream", "consumer"],
-            registry=registry,
+            registry=self.registry,
         )
         self.ack_pending = Gauge(
             "fnhost_consumer_ack_pending_messages",
             "Delivered messages not yet acked.",
             ["stream", "consumer"],
-            registry=registry,
+            registry=self.registry,
         )
-        self._published_children: dict[str, Counter] = {}
         self._refresher: asyncio.Task[None] | None = None
+
+    def stats(self, function: str) -> FunctionStats:
+        found = self.functions.get(function)
+        if found is None:
+            found = self.functions[function] = FunctionStats()
+        return found
 
     def counts(self, function: str) -> dict[str, int]:
         """Messages of ``function`` by outcome (read for ``/functions``, not on the hot path)."""
-        found = dict.fromkeys(OUTCOMES, 0)
-        for sample in self._samples("fnhost_messages_total"):
-            if sample.labels.get("function") == function:
-                found[sample.labels["outcome"]] = int(sample.value)
-        return found
+        found = self.functions.get(function)
+        return dict(found.outcomes) if found else dict.fromkeys(OUTCOMES, 0)
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's current value (0 when absent)."""
@@ -125,41 +119,78 @@ class HostMetrics:
                 if sample.name == name:
                     yield sample
 
+    def collect(self) -> Iterator[Metric]:
+        """The families of the per-message numbers, built at scrape time."""
+        messages = CounterMetricFamily(
+            "fnhost_messages", "Messages handled, by outcome.", labels=["function", "outcome"]
+        )
+        duration = HistogramMetricFamily(
+            "fnhost_invocation_duration_seconds",
+            "Time from message to outcome.",
+            labels=["function"],
+        )
+        inflight = GaugeMetricFamily(
+            "fnhost_inflight", "Invocations running now.", labels=["function"]
+        )
+        redeliveries = CounterMetricFamily(
+            "fnhost_redeliveries", "Stream deliveries after the first.", labels=["function"]
+        )
+        dead_lettered = CounterMetricFamily(
+            "fnhost_dead_lettered",
+            "Messages sent to a dead-letter subject.",
+            labels=["function"],
+        )
+        published = CounterMetricFamily(
+            "fnhost_messages_published", "Messages published by functions.", labels=["subject"]
+        )
+        for name, stats in self.functions.items():
+            for outcome, count in stats.outcomes.items():
+                messages.add_metric([name, outcome], count)
+            cumulative, running = [], 0
+            for bound, count in zip(_BOUND_LABELS, stats.buckets, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            duration.add_metric([name], cumulative, sum_value=stats.duration_sum)
+            inflight.add_metric([name], stats.inflight)
+            redeliveries.add_metric([name], stats.redeliveries)
+            dead_lettered.add_metric([name], stats.dead_lettered)
+        for subject, count in self.published.items():
+            published.add_metric([subject], count)
+        yield from (messages, duration, inflight, redeliveries, dead_lettered, published)
+
     def middleware(self, function: FunctionSpec) -> Middleware:
-        name = function.name
-        by_outcome = {outcome: self.messages.labels(name, outcome) for outcome in OUTCOMES}
-        observe = self.duration.labels(name).observe
-        inflight = self.inflight.labels(name)
-        redelivered = self.redeliveries.labels(name)
-        dead_lettered = self.dead_lettered.labels(name)
+        stats = self.stats(function.name)
+        outcomes = stats.outcomes
+        buckets = stats.buckets
+        bounds = BUCKETS
         clock = time.perf_counter
 
         async def metrics(call: Invocation, call_next: CallNext) -> Outcome:
             started = clock()
-            inflight.inc()
+            stats.inflight += 1
             if call.attempt > 1:
-                redelivered.inc()
+                stats.redeliveries += 1
             try:
                 outcome = await call_next(call)
             except Exception:
-                by_outcome["error"].inc()
+                outcomes["error"] += 1
                 raise
             finally:
-                inflight.dec()
-                observe(clock() - started)
+                stats.inflight -= 1
+                elapsed = clock() - started
+                buckets[bisect_left(bounds, elapsed)] += 1
+                stats.duration_sum += elapsed
             label = outcome.label
-            by_outcome[label].inc()
+            outcomes[label] += 1
             if label == "dead_letter":
-                dead_lettered.inc()
+                stats.dead_lettered += 1
             return outcome
 
         return metrics
 
     def count_publish(self, subject: str, headers: dict[str, str]) -> None:
-        child = self._published_children.get(subject)
-        if child is None:
-            child = self._published_children[subject] = self.published.labels(subject)
-        child.inc()
+        published = self.published
+        published[subject] = published.get(subject, 0) + 1
 
     def start_refresher(self, host: Host) -> None:
         """Refresh the consumer gauges every :data:`PENDING_REFRESH` seconds until stopped."""

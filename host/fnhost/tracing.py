@@ -3,16 +3,16 @@
 Every invocation continues the trace of its message (``traceparent`` /
 ``tracestate`` headers) or starts one, and everything it publishes or
 requests carries the trace on (the host's outgoing hook). With
-``tracing.exporter: none`` (the default) that propagation is all it does: a
-header read and one random span id per message, and log lines still carry
-the trace id. With ``console`` or ``otlp`` each invocation is one span (kind
-SERVER for requests, CONSUMER otherwise) with messaging semantic-convention
-attributes; ``sample_ratio`` samples new traces, parents decide for theirs.
+``tracing.exporter: none`` (the default) that propagation is all it does, and
+lazily (:mod:`fnhost.tracecontext`): no middleware, and the context is made
+only when the invocation publishes, requests or logs. With ``console`` or
+``otlp`` each invocation is one span (kind SERVER for requests, CONSUMER
+otherwise) with messaging semantic-convention attributes; ``sample_ratio``
+samples new traces, parents decide for theirs.
 """
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -27,8 +27,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from fnhost.errors import ConfigError
 from fnhost.logs import current_invocation
 from fnhost.manifest import FunctionSpec, TracingConfig
+from fnhost.tracecontext import carried
 from fnhost.types import CallNext, Invocation, Middleware, Outcome
-from fnhost_sdk import headers as h
 
 _ERROR_LABELS = frozenset({"error", "dead_letter", "nak", "term"})
 _propagator = TraceContextTextMapPropagator()
@@ -47,9 +47,10 @@ class HostTracing:
             )
             self.provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
 
-    def middleware(self, function: FunctionSpec) -> Middleware:
+    def middleware(self, function: FunctionSpec) -> Middleware | None:
+        """The span middleware; ``None`` with exporter none (propagation needs no middleware)."""
         if self.provider is None:
-            return _propagate_only
+            return None
         return _span_middleware(function, self.provider.get_tracer("fnhost"))
 
     def shutdown(self) -> None:
@@ -58,26 +59,14 @@ class HostTracing:
 
 
 def outgoing(subject: str, headers: dict[str, str]) -> None:
-    """Carry the current invocation's trace onto a message it publishes."""
+    """Carry the current invocation's trace onto a message it publishes.
+
+    Headers the publisher set itself win (``setdefault``).
+    """
     inv = current_invocation.get()
-    if inv is not None and inv.propagate:
-        for key, value in inv.propagate.items():
+    if inv is not None:
+        for key, value in carried(inv).items():
             headers.setdefault(key, value)
-
-
-async def _propagate_only(call: Invocation, call_next: CallNext) -> Outcome:
-    parent = call.headers.get(h.TRACEPARENT) if call.headers else None
-    if parent is not None and len(parent) == 55 and parent[2] == "-":
-        trace_id, flags = parent[3:35], parent[53:55]
-    else:
-        trace_id, flags = f"{random.getrandbits(128):032x}", "01"
-    call.trace_id = trace_id
-    carried = {h.TRACEPARENT: f"00-{trace_id}-{random.getrandbits(64):016x}-{flags}"}
-    state = call.headers.get(h.TRACESTATE) if call.headers else None
-    if state:
-        carried[h.TRACESTATE] = state
-    call.propagate = carried
-    return await call_next(call)
 
 
 def _span_middleware(function: FunctionSpec, tracer: trace.Tracer) -> Middleware:

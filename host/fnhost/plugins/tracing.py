@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 @hookimpl
-def fnhost_middleware(function: FunctionSpec, host: Host) -> Middleware:
+def fnhost_middleware(function: FunctionSpec, host: Host) -> Middleware | None:
     return host.tracing.middleware(function)
 
 

@@ -309,11 +309,12 @@ class StreamTrigger(Trigger):
             attempts=inv.attempt,
             error=f"{outcome.error_type}: {outcome.reason}",
         )
-        # The invocation's trace context replaces the original's (the copy is a child of
-        # the failed invocation's span), and the outgoing hooks see it as any publish.
-        outgoing = inv.session.prepare_headers(
-            spec.dead_letter, None, headers | inv.propagate if inv.propagate else headers
-        )
+        # The outgoing hooks see the copy as any publish: with tracing on, it carries the
+        # failed invocation's trace context (a child of its span) instead of the original's.
+        original_trace = {k: headers.pop(k) for k in (h.TRACEPARENT, h.TRACESTATE) if k in headers}
+        outgoing = inv.session.prepare_headers(spec.dead_letter, None, headers) or headers
+        for key, value in original_trace.items():
+            outgoing.setdefault(key, value)
         try:
             await inv.session.publish_durable(spec.dead_letter, inv.data, outgoing)
         except PublishError as exc:
