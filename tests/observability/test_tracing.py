@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -20,6 +21,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind
 
+from fnhost.logs import InvocationContext
 from fnhost_sdk import headers as h
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
@@ -70,6 +72,7 @@ FUNCTIONS = {
 
 
         async def front(data: dict, ctx: Context) -> dict:
+            ctx.log.info("front called")
             await ctx.publish("seen.front", {"from": "front"})
             return await ctx.request("back.call", {}, returns=dict)
 
@@ -171,6 +174,23 @@ async def test_a_message_without_context_starts_a_trace(
 
     assert parse(first["traceparent"])[0] != parse(second["traceparent"])[0]
     assert first["tracestate"] is None
+
+
+async def test_log_lines_and_publishes_share_a_started_trace(
+    host_factory: HostFactory, nc: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Exporter none makes the context lazily, on the first log line or publish: both
+    # must see the same one.
+    caplog.handler.addFilter(InvocationContext())
+    caplog.set_level(logging.INFO, logger="fnhost.fn.front")
+    await host_factory(manifest(), FUNCTIONS)
+    seen = await collect(nc, "seen.>")
+    await nc.request("front.call", b"{}", timeout=5)
+    await wait_for(lambda: seen, message="front's publish")
+
+    (record,) = [r for r in caplog.records if r.getMessage() == "front called"]
+    assert seen[0].headers is not None
+    assert parse(seen[0].headers[h.TRACEPARENT])[0] == record.__dict__["trace_id"]
 
 
 async def test_outputs_and_dead_letters_carry_the_trace(
