@@ -524,8 +524,10 @@ async def test_an_empty_stream_is_quiet_and_normal(
     function: nothing is logged at warning level, the consumer is not "recovered", and
     each new pull request follows an expired one (no busy loop of pull requests)."""
     # Short pull requests so that several expire within the test (defaults: 30 s / 5 s).
-    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "expires", 2.0)
-    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "idle_heartbeat", 1.0)
+    # (Not shorter: a heartbeat missed for two intervals on a loaded machine would make the
+    # host recover the pull, with a warning, for the wrong reason.)
+    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "expires", 3.0)
+    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "idle_heartbeat", 1.5)
     caplog.set_level(logging.INFO, logger="fnhost")
     pulls: list[Msg] = []
     expired: list[Msg] = []
@@ -543,8 +545,8 @@ async def test_an_empty_stream_is_quiet_and_normal(
     host = await host_factory(manifest(), {"fn.py": RECORD})
     module = module_of(host)
 
-    await wait_for(lambda: len(expired) >= 3, timeout=30, message="three empty pulls expired")
-    await wait_for(lambda: len(pulls) >= 4, message="a new pull request after each expiry")
+    await wait_for(lambda: len(expired) >= 2, timeout=30, message="two empty pulls expired")
+    await wait_for(lambda: len(pulls) >= 3, message="a new pull request after each expiry")
 
     assert len(pulls) <= len(expired) + 1, "a pull request only once the previous one expired"
     assert all(json.loads(pull.data)["batch"] >= 1 for pull in pulls)
@@ -633,9 +635,11 @@ async def test_a_consumer_deleted_on_the_server_is_recreated(
     await wait_for(lambda: module.SEEN, message="the first message handled")
     await settled(js, total=1)
 
-    await js.delete_consumer("IN", "work")
-    await js.publish("in.a", b'{"i": 2}')  # stored while no consumer exists
+    # Counted before the delete: the host (on this event loop) may re-create the consumer
+    # and handle message 2 while the test still awaits its PubAck.
     seen_before = len(module.SEEN)
+    await js.delete_consumer("IN", "work")
+    await js.publish("in.a", b'{"i": 2}')  # stored while no consumer exists (or just after)
 
     # Re-created within two idle-heartbeat windows (2 x 5 s).
     info = await wait_for(
@@ -653,6 +657,38 @@ async def test_a_consumer_deleted_on_the_server_is_recreated(
     # message 1, acked on the deleted consumer, is delivered again: at-least-once.)
 
 
+async def test_a_consumer_deleted_while_no_pull_was_waiting_is_recreated(
+    host_factory, js: JetStreamContext, monkeypatch
+) -> None:
+    """Deleted while the only slot was busy, so no pull request was there to get the
+    server's "Consumer Deleted": the next pull request meets no responder (503), and
+    that alone must bring the consumer back, without waiting for missed heartbeats
+    (set to a minute here, longer than the test waits)."""
+    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "expires", 120.0)
+    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "idle_heartbeat", 60.0)
+    host = await host_factory(manifest(concurrency="1"), {"fn.py": GATED})
+    module = module_of(host)
+    await js.publish("in.a", b'{"i": 1}')
+    await wait_for(lambda: module.STARTED == [1], message="the first message running")
+
+    async def no_pull_waiting() -> bool:
+        return (await consumer(js)).num_waiting == 0
+
+    await wait_for(no_pull_waiting, message="the host holds no pull request")
+    await js.delete_consumer("IN", "work")
+    await js.publish("in.a", b'{"i": 2}')
+    module.GATE.set()
+
+    info = await wait_for(
+        lambda: consumer(js),
+        timeout=20,
+        ignore=(nats.js.errors.NotFoundError,),
+        message="consumer re-created",
+    )
+    assert info.config.max_ack_pending == 2, "re-created from the manifest"
+    await wait_for(lambda: 2 in module.STARTED, timeout=20, message="messages flow again")
+
+
 # --------------------------------------------------------------- long handlers
 
 LONG = """\
@@ -665,9 +701,10 @@ LONG = """\
     async def handle(data: dict, ctx) -> None:
         ATTEMPTS.append(ctx.attempt)
         if ctx.attempt == 1:
-            # 2.5 s of work that does not give way to cancellation (like a blocking call).
+            # Work (2.5 s unless configured) that does not give way to cancellation (like
+            # a blocking call).
             loop = asyncio.get_running_loop()
-            end = loop.time() + 2.5
+            end = loop.time() + ctx.config.get("work_seconds", 2.5)
             while loop.time() < end:
                 try:
                     await asyncio.sleep(end - loop.time())
@@ -681,13 +718,21 @@ LONG = """\
 async def test_progress_pings_keep_a_long_handler_from_being_redelivered(
     host_factory, js: JetStreamContext, acks: AckLog
 ) -> None:
+    # Pings every ack_wait/3 = 1 s; 7 s of work outlives the ack wait twice over. (A 3 s
+    # ack wait, not shorter, so that a loaded machine's stalls do not skip a ping's window.)
     host = await host_factory(
-        manifest(trigger=", ack_wait: 1s", timeout="5s", concurrency="2"), {"fn.py": LONG}
+        manifest(
+            trigger=", ack_wait: 3s",
+            timeout="10s",
+            concurrency="2",
+            config="{work_seconds: 7}",
+        ),
+        {"fn.py": LONG},
     )
     module = module_of(host)
     await js.publish("in.a", b"{}")
 
-    await wait_for(lambda: module.DONE, timeout=10, message="the long handler finished")
+    await wait_for(lambda: module.DONE, timeout=30, message="the long handler finished")
     await settled(js, total=1)
     assert module.ATTEMPTS == [1], "redelivered while it ran"
     assert (await consumer(js)).num_redelivered == 0

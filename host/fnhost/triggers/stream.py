@@ -9,8 +9,9 @@ which holds the first message of a lingering pull until ``n`` arrive or the
 request expires, this adds no latency to a trickle of messages.
 
 Pull requests carry an idle heartbeat. Status messages are control, never
-payload: 408/409 return the credit they name, "Consumer Deleted" and a
-missing heartbeat make the loop re-create the consumer from the manifest.
+payload: 408/409 return the credit they name; "Consumer Deleted", a pull
+request nobody answers (503) and a missing heartbeat make the loop re-create
+the consumer from the manifest.
 
 Outcomes: ack (``ack: sync`` waits for the server's confirmation), nak with a
 delay, term, or dead letter: copy the message to the function's
@@ -91,6 +92,7 @@ class StreamTrigger(Trigger):
         self._sub: Subscription | None = None
         self._pull_task: asyncio.Task[None] | None = None
         self._ping_task: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
         self._started_at: dict[int, tuple[Msg, float]] = {}
 
     def describe(self) -> str:
@@ -113,6 +115,8 @@ class StreamTrigger(Trigger):
     async def stop_intake(self) -> None:
         if self._pull_task is not None:
             self._pull_task.cancel()
+        if self._recovery is not None:
+            self._recovery.cancel()
         if self._sub is not None:
             # The server drops pull requests whose reply subject lost its interest.
             sub, self._sub = self._sub, None
@@ -203,13 +207,24 @@ class StreamTrigger(Trigger):
             self._credit = max(0, self._credit - int(pending))
         description = headers.get("Description", "")
         if status == "409" and "Consumer Deleted" in description:
-            asyncio.get_running_loop().create_task(self._recover("consumer deleted"))
+            self._start_recovery("consumer deleted")
+            return
+        if status == "503":
+            # No responder for the pull request: the consumer is gone (deleted while no
+            # pull request of ours was waiting to hear it) or JetStream is unavailable.
+            self._start_recovery("no responders: consumer missing or JetStream unavailable")
             return
         if status not in ("404", "408"):
             log.info("function %s: pull status %s %s", self.name, status, description)
         if pending is None and status == "409":
             self._credit = 0
         self._wake.set()
+
+    def _start_recovery(self, why: str) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._recover(why), name=f"fnhost-recover-{self.name}"
+            )
 
     def released(self) -> None:
         if self.slots.free - self._credit >= self._refill_at:
