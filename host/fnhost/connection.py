@@ -7,20 +7,48 @@ outstanding (nats-py's 120 s hides a dead peer for minutes).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
 
-import nats
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
+from fnhost.errors import FnhostError
 from fnhost.manifest import NatsConfig
 
 log = logging.getLogger("fnhost.nats")
 
 RECONNECT_WAIT = 1.0
 """Seconds between reconnect attempts; nats-py adds up to 100 ms of jitter (250 ms with TLS)."""
+
+
+class ConnectError(FnhostError):
+    """The first connection to NATS was refused for a reason retrying cannot fix."""
+
+
+class _Refused(Exception):
+    """Raised from the error callback to end nats-py's retry loop of the first connect."""
+
+
+def refusal(exc: BaseException) -> str | None:
+    """Why a server refused us for good (credentials, certificate), else ``None``.
+
+    Only the first connect fails on these: a host that ran fine keeps retrying
+    through them, since a server being reconfigured may refuse for a moment.
+    """
+    if isinstance(exc, nats.errors.AuthorizationError):
+        return "authorization failed (check user/password, token, nkey or creds)"
+    text = str(exc)
+    if "authorization violation" in text.lower() or "authentication" in text.lower():
+        return f"{text.removeprefix('nats: ')} (check user/password, token, nkey or creds)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message or exc}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc}"
+    return None
 
 
 def tls_context(config: NatsConfig) -> ssl.SSLContext | None:
@@ -68,7 +96,14 @@ async def connect(
     on_closed: Callable[[], None] | None = None,
     connect_timeout: float = 5.0,
 ) -> NatsClient:
-    """Connect with fnhost's defaults; disconnects and reconnects are logged."""
+    """Connect with fnhost's defaults; disconnects and reconnects are logged.
+
+    While no server answers, the first connect retries forever (a host may
+    start before its server). A server that refuses the credentials or the TLS
+    handshake ends it with :class:`ConnectError`: retrying cannot fix that.
+    """
+    nc = NatsClient()
+    first_connect = True
 
     async def disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
@@ -85,15 +120,39 @@ async def connect(
             on_closed()
 
     async def error(exc: Exception) -> None:
+        if first_connect:
+            why = refusal(exc)
+            if why is not None:
+                raise _Refused(why) from exc
         log.warning("NATS error: %s", exc)
 
     options = connect_options(config, servers, name=name)
-    nc = await nats.connect(
-        **options,
-        disconnected_cb=disconnected,
-        reconnected_cb=reconnected,
-        closed_cb=closed,
-        error_cb=error,
-        connect_timeout=connect_timeout,
-    )
+    options["connect_timeout"] = connect_timeout
+    try:
+        await nc.connect(
+            **options,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            closed_cb=closed,
+            error_cb=error,
+        )
+    except _Refused as exc:
+        await _abandon(nc)
+        current = getattr(nc, "_current_server", None)  # the server that refused us
+        where = current.uri.netloc if current is not None else ", ".join(servers)
+        raise ConnectError(f"cannot connect to NATS at {where}: {exc}") from None
+    first_connect = False
+    log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?")
     return nc
+
+
+async def _abandon(nc: NatsClient) -> None:
+    """Close a client whose first connect failed (its socket is still open)."""
+    try:
+        async with asyncio.timeout(2):
+            await nc.close()
+    except TimeoutError:
+        # nats-py's close() does not return after a failed TLS handshake.
+        transport = getattr(nc, "_transport", None)
+        if transport is not None:
+            transport.close()
