@@ -275,6 +275,27 @@ def test_sigterm_while_nats_is_unreachable_exits_promptly(project: Path, journal
         host.close()
 
 
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_sigterm_while_disconnected_exits_promptly_and_cleanly(
+    host_process: HostProcess, journal: Journal, nats_server: NatsServer, nc: NatsClient
+) -> None:
+    js = nc.jetstream()
+    host_process.start()
+    await js.publish("work.items", b"m0")
+    await wait_for(lambda: journal.count("finish") == 1, timeout=30, message="m0 handled")
+    await wait_for(lambda: _all_settled(js), timeout=30, message="m0 acked")
+    await nc.close()  # before the server goes: no reconnect noise from the test's client
+
+    nats_server.kill()
+    wait_for_sync(
+        lambda: "disconnected from NATS" in host_process.log(), timeout=30, message="disconnect"
+    )
+    # Within 60 s although the connection never comes back.
+    assert await asyncio.to_thread(_terminate, host_process) == 0
+    assert "Traceback" not in host_process.log()
+
+
 # --------------------------------------------------------------------------- server restart
 
 RESTART_MANIFEST = """\

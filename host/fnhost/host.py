@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -305,7 +306,8 @@ class Host:
             if drain:
                 try:
                     await asyncio.wait_for(nc.drain(), timeout=5)
-                except (TimeoutError, FnhostError) as exc:
+                # While disconnected nats-py refuses to drain (ConnectionReconnectingError).
+                except (TimeoutError, FnhostError, nats.errors.Error) as exc:
                     log.warning("connection drain did not finish: %s", exc)
             if not nc.is_closed:
                 await nc.close()
