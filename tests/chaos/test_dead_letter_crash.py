@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
@@ -44,6 +45,8 @@ MAX_DELIVER = 3
 DEADLINE = 120.0
 """Seconds any one phase may take (an advisory caught by a dying host waits out its
 60 s ack wait before the other host gets it)."""
+BUSY = (nats.errors.TimeoutError,)
+"""A JetStream API call timing out on a loaded machine means "not yet", not a failure."""
 
 MANIFEST = f"""\
 version: 1
@@ -141,14 +144,18 @@ async def test_a_host_killed_on_the_last_attempt_dead_letters_via_the_advisory_o
             copies = await dead_letters(js)
             return info.num_pending == 0 and info.num_ack_pending == 0 and len(copies) >= KILLERS
 
-        await wait_for(all_settled, timeout=DEADLINE, interval=0.2, message="all settled")
+        await wait_for(
+            all_settled, timeout=DEADLINE, interval=0.2, message="all settled", ignore=BUSY
+        )
         watcher = dlq.watcher_consumer_name("IN", "work")
 
         async def advisories_handled() -> bool:
             info = await js.consumer_info(dlq.ADVISORY_STREAM, watcher)
             return info.num_pending == 0 and info.num_ack_pending == 0
 
-        await wait_for(advisories_handled, timeout=DEADLINE, message="advisories acked")
+        await wait_for(
+            advisories_handled, timeout=DEADLINE, message="advisories acked", ignore=BUSY
+        )
         first_pass = await dead_letters(js)
 
         # Every stored advisory again, to both hosts at once.
@@ -166,7 +173,9 @@ async def test_a_host_killed_on_the_last_attempt_dead_letters_via_the_advisory_o
                 and info.num_ack_pending == 0
             )
 
-        await wait_for(replayed, timeout=DEADLINE, interval=0.2, message="advisories replayed")
+        await wait_for(
+            replayed, timeout=DEADLINE, interval=0.2, message="advisories replayed", ignore=BUSY
+        )
         copies = await dead_letters(js)
         for host in hosts:
             exits.append(host.terminate())

@@ -18,12 +18,14 @@ finished, and every SIGTERM ended in exit code 0. Bounded; prints its counts.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import textwrap
 from collections import Counter
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
@@ -40,6 +42,8 @@ MESSAGES = 120
 SIGTERMS = 3
 DEADLINE = 120.0
 """Seconds any one phase may take (the whole test takes ~20-40 s here)."""
+BUSY = (nats.errors.TimeoutError,)
+"""A JetStream API call timing out on a loaded machine means "not yet", not a failure."""
 
 MANIFEST = """\
 version: 1
@@ -90,8 +94,8 @@ class WireAcks:
 async def test_sigterm_mid_batch_under_faults_acks_only_what_finished(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    seed = random.randrange(2**31)
-    print(f"\ndrain chaos: seed {seed}")
+    seed = int(os.environ.get("FNHOST_CHAOS_SEED") or random.randrange(2**31))
+    print(f"\ndrain chaos: seed {seed} (replay with FNHOST_CHAOS_SEED={seed})")
     (tmp_path / "fn.yaml").write_text(MANIFEST)
     (tmp_path / "work.py").write_text(WORK)
     journal = Journal(tmp_path / "journal.txt")
@@ -148,7 +152,9 @@ async def test_sigterm_mid_batch_under_faults_acks_only_what_finished(
             info = await js.consumer_info("IN", "work")
             return info.num_pending == 0 and info.num_ack_pending == 0
 
-        await wait_for(all_acked, timeout=DEADLINE, interval=0.2, message="every message acked")
+        await wait_for(
+            all_acked, timeout=DEADLINE, interval=0.2, message="every message acked", ignore=BUSY
+        )
         await nc.flush()
         sigterm_exits.append(await asyncio.to_thread(host.terminate, 60.0))
     finally:
