@@ -41,6 +41,7 @@ from fnhost_sdk.deploy import (
     SIGN_KEY_ENV,
     HostReport,
     Registry,
+    bucket_keys,
     function_settings,
     host_documents,
     publish,
@@ -104,20 +105,21 @@ def _settings(
     module: ModuleType, name: str | None, manifest: Manifest | None, flags: dict[str, Any]
 ) -> tuple[str, dict[str, Any]]:
     """The function's name and settings: decorator, then the manifest's same-named
-    function, then flags, each overriding the one before."""
+    function, then flags, each overriding the one before.
+
+    The name is ``--name``, else the decorator's ``name=``, else the file's stem.
+    """
+    stem = module.__name__.rpartition(".")[2]
     decorated = {
-        found[0]: (value, found[1])
+        found[0] or stem: found[1]
         for value in vars(module).values()
         if callable(value)
         and getattr(value, "__module__", None) == module.__name__
         and (found := function_settings(value)) is not None
     }
     if name is None:
-        name = next(iter(decorated)) if len(decorated) == 1 else module.__name__.rpartition(".")[2]
-    settings: dict[str, Any] = {}
-    if name in decorated:
-        func, declared = decorated[name]
-        settings = {"handler": func.__name__, **declared}
+        name = next(iter(decorated)) if len(decorated) == 1 else stem
+    settings: dict[str, Any] = dict(decorated.get(name, {}))
     if manifest is not None and name in manifest.functions:
         settings = settings_of(manifest.functions[name])
     settings.update({k: v for k, v in flags.items() if v is not None and k != "trigger"})
@@ -285,10 +287,13 @@ def list_functions(manifest: ManifestOption = Path("fn.yaml"), nats_url: NatsOpt
             specs: dict[str, Any] = {}
             try:
                 kv = await nc.jetstream().key_value(registry.bucket)
-                for key in await kv.keys():
-                    entry = await kv.get(key)
+                for key in await bucket_keys(nc.jetstream(), registry.bucket):
+                    try:
+                        entry = await kv.get(key)
+                    except nats.js.errors.KeyNotFoundError:
+                        continue  # removed
                     specs[key] = (entry.revision, json.loads(entry.value or b"{}"))
-            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+            except nats.js.errors.BucketNotFoundError:
                 pass
             return specs, await host_documents(nc, registry)
         finally:
@@ -416,14 +421,10 @@ async def _previous_accepted(
     js: Any, registry: Registry, name: str, puts: dict[int, Any], current: int
 ) -> int:
     accepted: set[int] = set()
-    try:
-        status = await js.key_value(registry.status_bucket)
-        for key in await status.keys(filters=[f"accepted.{name}."]):
-            head, _, revision = key.rpartition(".")
-            if head == f"accepted.{name}" and revision.isdigit():
-                accepted.add(int(revision))
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
-        pass
+    for key in await bucket_keys(js, registry.status_bucket, f"accepted.{name}."):
+        tail = key.rpartition(".")[2]
+        if tail.isdigit():
+            accepted.add(int(tail))
     current_spec = json.loads(puts[current].value).get("spec") if current in puts else None
     for revision in sorted(puts, reverse=True):
         if revision >= current or revision not in accepted:

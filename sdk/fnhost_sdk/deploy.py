@@ -52,6 +52,7 @@ __all__ = [
     "DeployResult",
     "HostReport",
     "Registry",
+    "bucket_keys",
     "deploy",
     "function",
     "function_settings",
@@ -111,18 +112,21 @@ def function(
         declared["trigger"] = dict(given[0])
 
     def mark(func: F) -> F:
-        setattr(func, _ATTRIBUTE, {"name": name or func.__name__, "settings": declared})
+        setattr(func, _ATTRIBUTE, {"name": name, "handler": func.__name__, "settings": declared})
         return func
 
     return mark
 
 
-def function_settings(target: object) -> tuple[str, dict[str, Any]] | None:
-    """The ``(name, settings)`` a ``@function`` decorator put on ``target``, or None."""
+def function_settings(target: object) -> tuple[str | None, dict[str, Any]] | None:
+    """The ``(name, settings)`` a ``@function`` decorator put on ``target``, or None.
+
+    The name is None unless the decorator gave one; the settings include ``handler``.
+    """
     found = getattr(target, _ATTRIBUTE, None)
     if not isinstance(found, dict):
         return None
-    return str(found["name"]), dict(found["settings"])
+    return found["name"], {"handler": found["handler"], **found["settings"]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +218,9 @@ async def host_documents(
     js = nc.jetstream()
     try:
         kv = await js.key_value(registry.status_bucket)
-        keys = await kv.keys(filters=["host."])
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+    except nats.js.errors.BucketNotFoundError:
         return {}
+    keys = await bucket_keys(js, registry.status_bucket, "host.")
     now = time.time()
     found: dict[str, dict[str, Any]] = {}
     for key in keys:
@@ -233,6 +237,20 @@ async def host_documents(
             continue
         found[str(doc.get("host", key.removeprefix("host.")))] = doc
     return found
+
+
+async def bucket_keys(js: JetStreamContext, bucket: str, prefix: str = "") -> list[str]:
+    """The keys of a KV bucket that start with ``prefix`` (deleted ones included).
+
+    Read from the stream's subject counts: nats-py's ``KeyValue.keys()`` can end
+    early when entries arrive while it reads.
+    """
+    base = f"$KV.{bucket}."
+    try:
+        info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{base}{prefix}>")
+    except nats.js.errors.NotFoundError:
+        return []
+    return sorted(subject[len(base) :] for subject in (info.state.subjects or {}))
 
 
 def _report(host: str, name: str, doc: Mapping[str, Any]) -> HostReport | None:
@@ -315,7 +333,7 @@ async def deploy(
         raise ValueError("no trigger: pass trigger= or decorate the function with @function(...)")
     artifact, handler = build_artifact(target, root=root)
     if handler is not None:
-        merged.setdefault("handler", handler)
+        merged["handler"] = handler
     fname = name or (declared[0] if declared else None)
     if fname is None and isinstance(target, ModuleType):
         fname = target.__name__.rpartition(".")[2]
