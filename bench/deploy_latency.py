@@ -5,8 +5,10 @@ with the registry enabled and HTTP on a free port), then runs ``fnhost deploy
 --no-wait`` ``--deploys`` times with a changed module. For each deploy it
 reports the time from the CLI process exiting (the spec is in KV) until the
 ``/functions`` endpoint of *every* host shows the new version (the KV
-revision), and, separately, the wall time of a plain waiting ``fnhost deploy``
-(upload, sign, wait for every host's report).
+revision); the same from the moment an in-process ``fnhost_sdk.deploy.publish``
+returned (the KV put acknowledged, no CLI process exit in between); and the
+wall time of a plain waiting ``fnhost deploy`` (upload, sign, wait for every
+host's report).
 
     python bench/deploy_latency.py                 # 10 deploys, median reported
     python bench/deploy_latency.py --deploys 20 --keep
@@ -15,6 +17,7 @@ revision), and, separately, the wall time of a plain waiting ``fnhost deploy``
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import shutil
@@ -26,7 +29,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from fnhost_sdk.artifact import keygen
+import nats
+
+from fnhost_sdk.artifact import build_artifact, import_module_file, keygen
+from fnhost_sdk.deploy import publish
 from fnhost_sdk.server import NatsServer
 
 POLL_INTERVAL = 0.002
@@ -84,6 +90,26 @@ def served_version(http: str) -> str | None:
     return None
 
 
+def wait_serving(https: list[str], revision: str) -> None:
+    pending = set(https)
+    while pending:
+        pending = {h for h in pending if served_version(h) != revision}
+        if pending:
+            time.sleep(POLL_INTERVAL)
+
+
+async def publish_in_process(url: str, dev: Path, seed: bytes) -> tuple[str, float]:
+    module = import_module_file(dev / "hello.py", dev)
+    artifact, _ = build_artifact(module, root=dev)
+    nc = await nats.connect(url)
+    try:
+        settings = {"trigger": {"request": "bench.deploy"}}
+        revision = await publish(nc, name="hello", artifact=artifact, settings=settings, seed=seed)
+        return str(revision), time.monotonic()
+    finally:
+        await nc.close()
+
+
 def revision_of(output: str) -> str:
     found = re.search(r"version (\d+)", output)
     if not found:
@@ -116,6 +142,7 @@ def main() -> None:
             https.append(http)
         common = ["--nats", server.url, "--sign-key", str(key)]
         to_serving: list[float] = []
+        from_put: list[float] = []
         waiting: list[float] = []
         for version in range(1, args.deploys + 1):
             (dev / "hello.py").write_text(MODULE.format(version=version))
@@ -123,13 +150,12 @@ def main() -> None:
             returned = time.monotonic()
             if result.returncode != 0:
                 raise SystemExit(result.stdout + result.stderr)
-            revision = revision_of(result.stdout)
-            pending = set(https)
-            while pending:
-                pending = {h for h in pending if served_version(h) != revision}
-                if pending:
-                    time.sleep(POLL_INTERVAL)
+            wait_serving(https, revision_of(result.stdout))
             to_serving.append(time.monotonic() - returned)
+            (dev / "hello.py").write_text(MODULE.format(version=version + 500))
+            revision, put_at = asyncio.run(publish_in_process(server.url, dev, seed))
+            wait_serving(https, revision)
+            from_put.append(time.monotonic() - put_at)
             # The same change again, this time waiting for every host's report.
             (dev / "hello.py").write_text(MODULE.format(version=version * 1000))
             started = time.monotonic()
@@ -139,13 +165,19 @@ def main() -> None:
                 raise SystemExit(result.stdout + result.stderr)
             print(
                 f"deploy {version}: every host serving {to_serving[-1] * 1000:.0f} ms after "
-                f"`deploy --no-wait` returned; waiting `deploy` took {waiting[-1] * 1000:.0f} ms",
+                f"`deploy --no-wait` returned, {from_put[-1] * 1000:.0f} ms after an in-process "
+                f"publish; waiting `deploy` took {waiting[-1] * 1000:.0f} ms",
                 flush=True,
             )
         ms = [t * 1000 for t in to_serving]
         print(
             f"\n{len(ms)} deploys, 2 hosts: deploy returned -> every host serving: "
             f"median {statistics.median(ms):.0f} ms, min {min(ms):.0f} ms, max {max(ms):.0f} ms"
+        )
+        put = [t * 1000 for t in from_put]
+        print(
+            f"in-process publish (KV put acked) -> every host serving: "
+            f"median {statistics.median(put):.0f} ms, min {min(put):.0f} ms, max {max(put):.0f} ms"
         )
         print(
             f"waiting `fnhost deploy` (import, pickle, sign, upload, every host's report; "
