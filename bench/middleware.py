@@ -1,6 +1,6 @@
 """The per-message cost of fnhost's default observability middleware, as a throughput ratio.
 
-    python bench/middleware.py [--rounds 3] [--messages 20000] [--requests 20000]
+    python bench/middleware.py [--rounds 3] [--messages 50000] [--requests 30000]
                                [--variants none,observability] [--loop uvloop|asyncio]
 
 The same host, the same bench/fn.yaml and the same workloads as bench/run.py,
@@ -278,8 +278,8 @@ def parse_args() -> argparse.Namespace:
     child.add_argument("--nats", required=True)
     child.add_argument("--loop", choices=LOOPS, default=default_loop())
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the tables show medians")
-    parser.add_argument("--requests", type=int, default=20_000, help="timed requests (A)")
-    parser.add_argument("--messages", type=int, default=20_000, help="messages to consume (B)")
+    parser.add_argument("--requests", type=int, default=30_000, help="timed requests (A)")
+    parser.add_argument("--messages", type=int, default=50_000, help="messages to consume (B)")
     parser.add_argument("--variants", default="none,observability", help=f"from {VARIANTS}")
     parser.add_argument("--loop", choices=LOOPS, default=default_loop(), dest="driver_loop")
     args = parser.parse_args()
