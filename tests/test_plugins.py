@@ -7,8 +7,10 @@ The plugins live in ``tests/plugins_for_tests`` and record what they see in
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -346,3 +348,35 @@ async def test_a_stream_handler_past_its_timeout_is_not_acked_but_retried(
 
     await wait_for(settled, message="acked after the retry")
     assert module.ATTEMPTS == [1, 2], "the timed-out attempt was not acked"
+
+
+async def test_the_timeout_sweeper_fails_only_the_late_call_and_keeps_outside_cancels() -> None:
+    """One sweeper watches every invocation of a function: the late one fails with
+    HandlerTimeout, a quick one beside it returns, and a cancellation from elsewhere
+    (a drain) stays a cancellation, not a timeout."""
+    from fnhost.errors import HandlerTimeout
+    from fnhost.plugins import timeout as timeout_plugin
+
+    spec = SimpleNamespace(timeout=0.2)
+    middleware = timeout_plugin.fnhost_middleware(function=spec)
+    call = SimpleNamespace(function="late")
+
+    async def handler(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return f"slept {seconds}"
+
+    async def invoke(seconds: float) -> str:
+        return await middleware(call, lambda _: handler(seconds))
+
+    late = asyncio.create_task(invoke(30))
+    quick = asyncio.create_task(invoke(0.01))
+    assert await quick == "slept 0.01"
+    with pytest.raises(HandlerTimeout, match=r"'late' ran past its timeout of 0\.2s"):
+        await late
+
+    drained = asyncio.create_task(invoke(30))
+    await asyncio.sleep(0.01)
+    drained.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await drained
+    assert await invoke(0.01) == "slept 0.01", "the middleware still works after both"
