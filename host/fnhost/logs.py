@@ -87,12 +87,21 @@ def setup_logging(fmt: LogFormat, level: str = "INFO") -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
         handler.addFilter(InvocationContext())
-    else:
+    elif sys.stderr.isatty():
         handler = RichHandler(
             console=Console(stderr=True),
             show_path=False,
             rich_tracebacks=True,
             log_time_format="%H:%M:%S",
+        )
+        handler.addFilter(InvocationContext())
+        handler.addFilter(_InvocationFields())
+    else:
+        # Piped or redirected: one line per record, so grep finds a message whole
+        # (rich wraps at 80 columns when it cannot ask a terminal for its width).
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
         )
         handler.addFilter(InvocationContext())
         handler.addFilter(_InvocationFields())

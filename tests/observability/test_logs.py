@@ -67,6 +67,7 @@ async def ping(data: bytes) -> bytes:
 
 async def greet(data: dict, ctx: Context) -> dict:
     ctx.log.info("greeting %s", data["name"])
+    ctx.log.info("order lines for %s: %s", data["name"], " ".join(f"sku-{n}" for n in range(30)))
     plain.info("plain logger line")
     plain.debug("a debug line")
     return {"hello": data["name"]}
@@ -177,6 +178,10 @@ async def test_dev_logs_readable_lines(
     assert "[greet] greeting ada" in text
     assert "[consume attempt=2] consuming attempt 2" in text
     assert "host ready" in text
+    # Piped (here; or into a file or a log collector) a record stays on one line
+    # however long, so grepping a message finds all of it.
+    skus = " ".join(f"sku-{n}" for n in range(30))
+    assert any(line.endswith(f"[greet] order lines for ada: {skus}") for line in text.splitlines())
 
 
 async def test_level_from_the_manifest(

@@ -19,8 +19,7 @@ from pathlib import Path
 from fnhost_sdk.server import port_is_free
 from fnhost_sdk.waiting import wait_for_sync
 
-# Wide enough that rich never wraps a log line in the middle of an id.
-_ENV = {"COLUMNS": "300", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+_ENV = {"NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def fnhost(
