@@ -42,6 +42,7 @@ from fnhost_sdk.deploy import (
     HostReport,
     Registry,
     bucket_keys,
+    connect,
     function_settings,
     host_documents,
     publish,
@@ -90,7 +91,7 @@ def _run(work: Any) -> Any:
 
 
 async def _connect(url: str) -> Any:
-    return await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+    return await connect(url)
 
 
 def _describe_import_error(path: Path, exc: BaseException) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "HostReport",
     "Registry",
     "bucket_keys",
+    "connect",
     "deploy",
     "function",
     "function_settings",
@@ -341,7 +342,7 @@ async def deploy(
     if not fname:
         raise ValueError("pass name=")
     url = nats or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
-    nc = await _connect(url)
+    nc = await connect(url)
     try:
         revision = await publish(
             nc,
@@ -362,5 +363,13 @@ async def deploy(
         await nc.close()
 
 
-async def _connect(url: str) -> NatsClient:
-    return await nats.connect(url, connect_timeout=3, max_reconnect_attempts=2)
+async def connect(url: str) -> NatsClient:
+    """A short-lived client connection: gives up after two tries (nats-py's
+    ``max_reconnect_attempts=0`` means *forever*), reports errors by raising."""
+
+    async def quiet(exc: Exception) -> None:
+        return None
+
+    return await nats.connect(
+        url, connect_timeout=3, max_reconnect_attempts=1, reconnect_time_wait=0.5, error_cb=quiet
+    )
