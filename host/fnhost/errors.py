@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fnhost_sdk.artifact import DeployRefused
 from fnhost_sdk.errors import FnhostError, PayloadError, Reject, Retry, ServiceError
 
 __all__ = [
     "ConfigError",
+    "DeployRefused",
     "FnhostError",
     "HandlerTimeout",
     "LoadError",

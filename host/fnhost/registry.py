@@ -235,6 +235,8 @@ class RegistryWatcher:
             self.records[name] = Record(revision, "stopped", removed, None, now_iso())
             return
         previous = self.records.get(name)
+        if previous is not None and previous.revision >= revision:
+            return  # seen already (the watcher re-delivers after a reconnect)
         running = previous.running if previous else None
         try:
             accepted = await self.verify(name, revision, entry.value)
