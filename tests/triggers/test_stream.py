@@ -517,6 +517,34 @@ async def test_a_single_message_to_an_idle_consumer_is_handled_promptly(
     await wait_for(lambda: len(module.SEEN) == 2, timeout=5, message="the next one too")
 
 
+async def test_a_message_delivered_after_intake_stopped_is_naked_for_another_host(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    """A draining host's pull request stays on the server until it expires: what the
+    server still sends it is nak'ed at once, not dropped (which would hold the message
+    back for ack_wait, a minute here) - another host gets it as attempt 2."""
+    trigger_settings = ", ack_wait: 60s"
+    draining = await host_factory(manifest(trigger_settings), {"fn.py": RECORD})
+
+    async def pulls_waiting(count: int) -> bool:
+        return (await consumer(js)).num_waiting >= count
+
+    await wait_for(lambda: pulls_waiting(1), message="the first host's pull request waits")
+    trigger = draining.functions["work"].trigger
+    assert trigger is not None
+    await trigger.stop_intake()
+    other = await host_factory(manifest(trigger_settings), {"fn.py": RECORD})
+    await wait_for(lambda: pulls_waiting(2), message="both hosts' pull requests wait")
+
+    # The server serves waiting pull requests in order: the draining host's first.
+    await js.publish("in.a", b'{"i": 1}')
+    await wait_for(lambda: acks.count("-NAK") == 1, message="the draining host nak'ed it")
+    seen = module_of(other).SEEN
+    await wait_for(lambda: seen, timeout=20, message="the other host handled it")
+    assert [(i, attempt) for i, attempt, *_ in seen] == [(1, 2)]
+    assert module_of(draining).SEEN == []
+
+
 async def test_an_empty_stream_is_quiet_and_normal(
     host_factory, js: JetStreamContext, nc: NatsClient, monkeypatch, caplog
 ) -> None:

@@ -23,6 +23,7 @@ nothing is lost. A handler that runs long gets in-progress pings every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,7 @@ class StreamTrigger(Trigger):
         self._ack_wait = trigger.ack_wait
         self._pings = spec.progress_pings
         self._credit = 0
+        self._refusing = False
         self._last_heard = 0.0
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
@@ -117,10 +119,10 @@ class StreamTrigger(Trigger):
             self._pull_task.cancel()
         if self._recovery is not None:
             self._recovery.cancel()
-        if self._sub is not None:
-            # The server drops pull requests whose reply subject lost its interest.
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
+        # Pull requests cannot be withdrawn: until they expire or the inbox goes, the
+        # server may still deliver. Those messages are nak'ed at once (see _on_delivery)
+        # rather than dropped, which would hold them back until ack_wait.
+        self._refusing = True
 
     async def drain(self, grace: float) -> bool:
         try:
@@ -128,6 +130,10 @@ class StreamTrigger(Trigger):
         finally:
             if self._ping_task is not None:
                 self._ping_task.cancel()
+            if self._sub is not None:
+                sub, self._sub = self._sub, None
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
 
     def on_reconnect(self) -> None:
         # A restarted server forgot our pull requests; ask again at once.
@@ -191,6 +197,11 @@ class StreamTrigger(Trigger):
         self._last_heard = asyncio.get_running_loop().time()
         if not msg.reply:
             self._on_status(msg)
+            return
+        if self._refusing:
+            # Redelivered at once, to another host or after the restart.
+            with contextlib.suppress(nats.errors.Error):
+                await self.nc.publish(msg.reply, b"-NAK")
             return
         if self._credit:
             self._credit -= 1
