@@ -62,12 +62,16 @@ class Traffic:
     def __init__(self, nc: NatsClient, in_flight: int = 4) -> None:
         self.nc = nc
         self.replies: list[dict[str, Any]] = []
+        self.sent = 0
+        """Requests sent so far; each reply records which one it answers."""
         self.failures: list[str] = []
         self._stop = asyncio.Event()
         self._tasks = [asyncio.create_task(self._run()) for _ in range(in_flight)]
 
     async def _run(self) -> None:
         while not self._stop.is_set():
+            self.sent += 1
+            sent = self.sent
             try:
                 msg = await self.nc.request("greet", b'"ann"', timeout=10)
             except Exception as exc:
@@ -80,11 +84,18 @@ class Traffic:
                 self.failures.append(f"error reply {msg.headers}")
                 await asyncio.sleep(0.1)
                 continue
-            self.replies.append(json.loads(msg.data))
+            self.replies.append({**json.loads(msg.data), "sent": sent})
             await asyncio.sleep(0.005)  # steady traffic, not a benchmark
 
+    def after(self, sent: int) -> list[dict[str, Any]]:
+        """Replies to the requests sent after the ``sent``-th one."""
+        return [r for r in self.replies if r["sent"] > sent]
+
     def pids_with(self, version: str, since: int) -> set[int]:
-        return {r["pid"] for r in self.replies[since:] if r["version"] == version}
+        return {r["pid"] for r in self.after(since) if r["version"] == version}
+
+    def versions(self, since: int) -> set[str]:
+        return {r["version"] for r in self.after(since)}
 
     async def stop(self) -> None:
         self._stop.set()
@@ -145,24 +156,24 @@ async def test_two_hosts_roll_out_rollback_refuse_and_a_new_host_catches_up(
         for each in (result, tally):
             assert each.returncode == 0, each.stdout + each.stderr
             assert each.stdout.count("running") == 2, each.stdout
-        mark = len(traffic.replies)
+        mark = traffic.sent
         for n in range(100, 200):
             await js.publish(f"events.{n}", json.dumps({"n": n}).encode())
         await wait_for(
             lambda: len(traffic.pids_with("v2", mark)) == 2, timeout=30, message="both hosts v2"
         )
-        assert {r["version"] for r in traffic.replies[mark:]} == {"v2"}
+        assert traffic.versions(mark) == {"v2"}
         await wait_for(lambda: len(done) == 200, timeout=60, message="every event handled")
         assert {done[n] for n in range(100, 200)} == {"v2"}
 
         back = fnhost(dev, "rollback", "greet", "--nats", nats_server.url)
         assert back.returncode == 0, back.stdout + back.stderr
         assert "rollback of" in back.stdout
-        mark = len(traffic.replies)
+        mark = traffic.sent
         await wait_for(
             lambda: len(traffic.pids_with("v1", mark)) == 2, timeout=30, message="both back on v1"
         )
-        assert {r["version"] for r in traffic.replies[mark:]} == {"v1"}
+        assert traffic.versions(mark) == {"v1"}
 
         hosts[2].start()  # after the deploys: it reads the current versions before serving
         assert "registry: 2 deployed functions" in hosts[2].log()
@@ -174,9 +185,9 @@ async def test_two_hosts_roll_out_rollback_refuse_and_a_new_host_catches_up(
         refused = deploy("functions/greet.py", other_key)
         assert refused.returncode != 0
         assert refused.stdout.count("refused") == 3 and "untrusted" in refused.stdout
-        mark = len(traffic.replies)
-        await wait_for(lambda: len(traffic.replies) >= mark + 30, timeout=30, message="traffic")
-        assert {r["version"] for r in traffic.replies[mark:]} == {"v1"}
+        mark = traffic.sent
+        await wait_for(lambda: len(traffic.after(mark)) >= 30, timeout=30, message="traffic")
+        assert traffic.versions(mark) == {"v1"}
         listing = fnhost(dev, "ls", "--nats", nats_server.url)
         assert listing.returncode == 0, listing.stderr
         assert "greet" in listing.stdout and "3 live hosts" in listing.stdout
