@@ -28,7 +28,7 @@ from rich.table import Table
 from fnhost.errors import LoadError
 from fnhost.loader import inspect_handler
 from fnhost.manifest import Manifest, parse_manifest
-from fnhost.registry import function_spec, settings_of
+from fnhost.registry import describe_load_error, function_spec, settings_of
 from fnhost_sdk.artifact import (
     DeployRefused,
     build_artifact,
@@ -232,7 +232,7 @@ def deploy(
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise _fail(f"function {fname!r}: {problems}") from None
     except (LoadError, DeployRefused) as exc:
-        raise _fail(str(exc).split(":None:", 1)[-1]) from None
+        raise _fail(describe_load_error(str(exc), str(path))) from None
     except Exception as exc:  # cloudpickle meets something it cannot pickle
         raise _fail(f"cannot pickle {path}: {type(exc).__name__}: {exc}") from None
     registry = _registry(loaded)
@@ -351,9 +351,9 @@ def remove(
                 await kv.get(name)
             except nats.js.errors.KeyNotFoundError:
                 raise _fail(f"{name!r} is not deployed") from None
-            revision = await kv.delete(name)
+            await kv.delete(name)
             # nats-py returns no revision for a delete: read the marker's from the history.
-            revision = revision or (await kv.history(name))[-1].revision or 0
+            revision = (await kv.history(name))[-1].revision or 0
             out.print(f"removed [bold]{name}[/bold] (revision {revision})")
             if no_wait:
                 return [], []

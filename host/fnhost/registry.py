@@ -382,9 +382,13 @@ def _new_state(spec: FunctionSpec, loader: Any) -> FunctionState:
 
 
 def _strip_where(message: str, host: Host) -> str:
-    """Drop the ``fn.yaml:None:functions.x.key: `` prefix the loader puts on its errors:
-    a deployed function has no line in fn.yaml."""
-    prefix = f"{host.manifest.path.name}:None:"
-    if message.startswith(prefix):
-        return message.split(": ", 1)[-1]
-    return message
+    """Drop the ``fn.yaml:LINE:functions.x.key: `` prefix and the placeholder module name
+    the loader puts in its errors: a deployed function has no place in fn.yaml."""
+    return describe_load_error(message)
+
+
+def describe_load_error(message: str, module: str = "the deployed module") -> str:
+    """A loader error about a deployed function, without fn.yaml positions."""
+    start = message.find("function '")
+    text = message[start:] if start >= 0 else message
+    return re.sub(r"module 'fnhost_registry\.[\w]+'", module, text)
