@@ -135,8 +135,22 @@ def _scope(
 
 
 def _run(scope: _Scope, work: Callable[[Session], Awaitable[T]]) -> T:
+    connect_errors: list[Exception] = []
+
+    async def note(exc: Exception) -> None:
+        connect_errors.append(exc)
+
     async def main() -> T:
-        nc = await nats.connect(scope.url, connect_timeout=3, max_reconnect_attempts=0)
+        # Two tries, then NoServersError: max_reconnect_attempts=0 would mean "forever"
+        # (nats-py), and the default error callback prints a traceback per try.
+        nc = await nats.connect(
+            scope.url,
+            connect_timeout=3,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0.5,
+            error_cb=note,
+        )
         try:
             return await work(Session(nc, publish_deadline=REPLAY_DEADLINE))
         finally:
@@ -146,6 +160,9 @@ def _run(scope: _Scope, work: Callable[[Session], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except NotFoundError as exc:
         raise _fail(f"not found on the server: {exc.description}") from None
+    except nats.errors.NoServersError:
+        why = f": {connect_errors[-1]}" if connect_errors else ""
+        raise _fail(f"cannot connect to NATS at {scope.url}{why}") from None
     except (OSError, nats.errors.Error) as exc:
         raise _fail(f"NATS at {scope.url}: {exc}") from None
 
