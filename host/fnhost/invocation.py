@@ -117,10 +117,12 @@ def outcome_for_error(spec: FunctionSpec, inv: Invocation, exc: Exception) -> Ou
     """Map an exception from a function's chain to the outcome its trigger acts on.
 
     Request: 400 for bad input or ``Reject``, 503 for ``Retry``, 500 otherwise.
-    Subject: logged and counted as an error. Stream: ``Retry`` naks with its
-    delay; ``Reject`` and undecodable payloads are dead-lettered (termed when
-    the function has no ``dead_letter``); other errors nak with the function's
-    back-off, and the last allowed attempt is dead-lettered.
+    Subject: logged and counted as an error. Stream: ``Reject`` and
+    undecodable payloads are dead-lettered (termed when the function has no
+    ``dead_letter``); a failure on the last allowed attempt (``max_deliver``),
+    ``Retry`` included, is dead-lettered too: a nak there would leave the
+    message to the max-deliveries advisory. Before that, ``Retry`` naks with
+    its delay (the back-off when it has none), other errors with the back-off.
     """
     description = describe(exc)
     kind = inv.kind
@@ -132,16 +134,14 @@ def outcome_for_error(spec: FunctionSpec, inv: Invocation, exc: Exception) -> Ou
         return error_reply(500, description)
     if kind == "subject":
         return Failed(description)
-    if isinstance(exc, Retry):
-        return Nak(
-            exc.delay if exc.delay is not None else spec.retry.delay_for(inv.attempt), description
-        )
     if isinstance(exc, PayloadError | Reject):
         return DeadLetter(description, type(exc).__name__)
     if inv.attempt >= spec.retry.max_deliver:
         return DeadLetter(
             f"retries exhausted after {inv.attempt} attempts: {description}", type(exc).__name__
         )
+    if isinstance(exc, Retry) and exc.delay is not None:
+        return Nak(exc.delay, description)
     return Nak(spec.retry.delay_for(inv.attempt), description)
 
 
