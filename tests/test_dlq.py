@@ -88,6 +88,10 @@ HANDLER = """\
 POISON = b"poison \xff\x00 not utf-8"
 
 
+def dead_lettered(host: Host, name: str = "work") -> float:
+    return host.metrics.value("fnhost_dead_lettered_total", function=name)
+
+
 def module_of(host: Host, name: str = "work") -> Any:
     runtime = host.functions[name].runtime
     assert runtime is not None, host.functions[name].error
@@ -248,6 +252,7 @@ async def test_a_missing_dlq_stream_leaves_the_original_unacked_until_it_exists(
     await provision.ensure_stream(js, provision.stream_config("DLQ", manifest.streams["DLQ"]))
 
     await wait_for(lambda: copies_of(js, ack.seq), message="dead letter stored once the DLQ exists")
+    await wait_for(lambda: dead_lettered(host) == 1, message="counted once it was stored")
     await wait_for(
         lambda: _acked(js, "work", ack.seq), message="the original settled after the copy"
     )
@@ -287,6 +292,7 @@ async def test_a_delivery_never_settled_is_dead_lettered_from_the_advisory(
     assert headers["Fnhost-Error"].startswith("MaxDeliveries: delivered 1 times")
     assert headers["Nats-Msg-Id"] == f"dlq:IN:{ack.seq}"
     assert module_of(host).SEEN == [], "the message was never handed to the new host"
+    await wait_for(lambda: dead_lettered(host) == 1, message="the advisory's copy counted")
     await wait_for(
         lambda: _watcher_done(js, 1), message="the advisory acked after the copy was stored"
     )
@@ -302,13 +308,15 @@ async def test_an_advisory_for_a_message_already_dead_lettered_stores_no_second_
     host_factory, nc: NatsClient, js: JetStreamContext
 ) -> None:
     """The race of both paths: same message id, the DLQ's duplicate window keeps one."""
-    await host_factory(STREAMS + function(), {"fn.py": HANDLER})
+    host = await host_factory(STREAMS + function(), {"fn.py": HANDLER})
     ack = await js.publish("in.a", b"reject me")
     await wait_for(lambda: copies_of(js, ack.seq), message="dead-lettered by the trigger")
+    await wait_for(lambda: dead_lettered(host) == 1, message="the trigger's copy counted")
 
     await fake_advisory(nc, "IN", "work", ack.seq)
     await wait_for(lambda: _watcher_done(js, 1), message="advisory handled")
     assert len(await dead_letters(js)) == 1
+    assert dead_lettered(host) == 1, "the dropped duplicate is not counted"
 
 
 @pytest.mark.nats

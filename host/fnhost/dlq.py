@@ -1,5 +1,6 @@
 """Dead letters: the copy's headers, the max-deliveries advisory watcher, and the
-read / replay / purge helpers behind ``fnhost dlq``. The user guide is docs/dlq.md.
+read / replay / purge helpers behind ``fnhost dlq``. User guides: docs/delivery.md
+(dead letters, the advisory path) and docs/cli.md (``fnhost dlq``).
 
 A stream message is dead-lettered on one of two paths, and both store the same
 copy under the same ``Nats-Msg-Id`` (``dlq:<stream>:<seq>``), so when both
@@ -30,7 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -193,7 +194,14 @@ class _Target:
 class AdvisoryWatcher:
     """Copies messages that hit ``max_deliver`` unsettled to their function's dead letter."""
 
-    def __init__(self, nc: NatsClient, manifest: Manifest) -> None:
+    def __init__(
+        self,
+        nc: NatsClient,
+        manifest: Manifest,
+        *,
+        on_dead_lettered: Callable[[str], None] | None = None,
+    ) -> None:
+        self._on_dead_lettered = on_dead_lettered
         self.targets = [
             _Target(spec, spec.trigger.stream, spec.trigger.durable_name, spec.dead_letter)
             for spec in manifest.functions.values()
@@ -319,6 +327,8 @@ class AdvisoryWatcher:
             log.info("function %s: %s was already dead-lettered", name, where)
         else:
             log.error("function %s: %s dead-lettered after %d deliveries", name, where, deliveries)
+            if self._on_dead_lettered is not None:
+                self._on_dead_lettered(name)
         await msg.ack()
 
     async def _retry_later(self, msg: Msg, why: str) -> None:

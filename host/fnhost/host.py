@@ -178,7 +178,10 @@ class Host:
             return SubjectTrigger(runtime, self.nc)
         spec = runtime.spec
         return StreamTrigger(
-            runtime, self.nc, ensure_consumer=lambda: provision.ensure_consumer(self.js, spec)
+            runtime,
+            self.nc,
+            ensure_consumer=lambda: provision.ensure_consumer(self.js, spec),
+            on_dead_lettered=self.metrics.count_dead_letter,
         )
 
     async def _start_function(self, state: FunctionState) -> None:

@@ -137,7 +137,7 @@ class HostMetrics:
         )
         dead_lettered = CounterMetricFamily(
             "fnhost_dead_lettered",
-            "Messages sent to a dead-letter subject.",
+            "Dead-letter copies stored (by the stream trigger or the max-deliveries watcher).",
             labels=["function"],
         )
         published = CounterMetricFamily(
@@ -180,13 +180,15 @@ class HostMetrics:
                 elapsed = clock() - started
                 buckets[bisect_left(bounds, elapsed)] += 1
                 stats.duration_sum += elapsed
-            label = outcome.label
-            outcomes[label] += 1
-            if label == "dead_letter":
-                stats.dead_lettered += 1
+            outcomes[outcome.label] += 1
             return outcome
 
         return metrics
+
+    def count_dead_letter(self, function: str) -> None:
+        """One dead-letter copy stored, counted where its PubAck arrives: a copy that
+        could not be stored counts nothing, one stored by both paths counts once."""
+        self.stats(function).dead_lettered += 1
 
     def count_publish(self, subject: str, headers: dict[str, str]) -> None:
         published = self.published

@@ -25,7 +25,9 @@ _watchers: WeakKeyDictionary[Host, AdvisoryWatcher] = WeakKeyDictionary()
 
 @hookimpl
 async def fnhost_startup(host: Host) -> None:
-    watcher = AdvisoryWatcher(host.nc, host.manifest)
+    watcher = AdvisoryWatcher(
+        host.nc, host.manifest, on_dead_lettered=host.metrics.count_dead_letter
+    )
     if watcher.targets:
         _watchers[host] = watcher
         await watcher.start()

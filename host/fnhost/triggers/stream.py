@@ -54,6 +54,8 @@ MAX_BATCH = 256
 """Most messages asked for in one pull request."""
 
 ConsumerFactory = Callable[[], Awaitable[None]]
+DeadLetterCounter = Callable[[str], None]
+"""Called with the function's name once per dead-letter copy stored (metrics)."""
 
 
 class StreamTrigger(Trigger):
@@ -65,6 +67,7 @@ class StreamTrigger(Trigger):
         nc: NatsClient,
         *,
         ensure_consumer: ConsumerFactory,
+        on_dead_lettered: DeadLetterCounter | None = None,
         expires: float = PULL_EXPIRES,
         idle_heartbeat: float = IDLE_HEARTBEAT,
     ) -> None:
@@ -76,6 +79,7 @@ class StreamTrigger(Trigger):
         assert trigger.durable_name is not None
         self.durable = trigger.durable_name
         self._ensure_consumer = ensure_consumer
+        self._on_dead_lettered = on_dead_lettered
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
         self._inbox = nc.new_inbox()
         self._batch = min(trigger.effective_batch(spec.concurrency), spec.concurrency, MAX_BATCH)
@@ -342,8 +346,9 @@ class StreamTrigger(Trigger):
         for key, value in original_trace.items():
             outgoing.setdefault(key, value)
         try:
-            await inv.session.publish_durable(spec.dead_letter, inv.data, outgoing)
-        except PublishError as exc:
+            stored = await inv.session.publish_durable(spec.dead_letter, inv.data, outgoing)
+        except (PublishError, nats.errors.Error) as exc:
+            # Not stored (no DLQ stream, a full one, ...): keep the original, try again later.
             delay = spec.retry.delay_for(inv.attempt)
             log.error(
                 "function %s: dead letter for %s/%d not stored (%s); nak, retry in %gs",
@@ -355,6 +360,8 @@ class StreamTrigger(Trigger):
             )
             await msg.nak(delay)
             return
+        if not stored.duplicate and self._on_dead_lettered is not None:
+            self._on_dead_lettered(self.name)
         log.error(
             "function %s: %s/%d dead-lettered to %s after %d attempt(s): %s",
             self.name,
