@@ -35,6 +35,7 @@ from fnhost.errors import FnhostError
 from fnhost_sdk.idempotency import TransactionalRecorder
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
 
     from fnhost.manifest import IdempotencySpec
@@ -137,12 +138,14 @@ def open_store(
     *,
     holder: str,
     js: Callable[[], JetStreamContext],
+    nc: Callable[[], NatsClient] | None = None,
     declared_buckets: frozenset[str] = frozenset(),
 ) -> Store:
     """Build the store ``spec`` names (not started: call :meth:`Store.start`).
 
     ``holder`` is this host's random id, part of every lease it takes; ``js``
-    gives the host's JetStream context (kv store); ``declared_buckets`` are
+    and ``nc`` give the host's JetStream context and connection (kv store);
+    ``declared_buckets`` are
     the KV buckets fn.yaml provisions itself (their settings are left alone).
     """
     if spec.store == "memory":
@@ -153,7 +156,12 @@ def open_store(
         from fnhost.idempotency.kv import KVStore
 
         return KVStore(
-            js, spec.bucket, holder, ttl=spec.ttl, managed=spec.bucket not in declared_buckets
+            js,
+            spec.bucket,
+            holder,
+            nc=nc,
+            ttl=spec.ttl,
+            managed=spec.bucket not in declared_buckets,
         )
     assert spec.url is not None  # the manifest requires a url for redis and postgres
     if spec.store == "redis":

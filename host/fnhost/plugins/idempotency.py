@@ -98,6 +98,7 @@ class StoreGuard:
         if not self.down:
             log.error("idempotency store %s unavailable: %s", self.store.name, exc)
         self.down = True
+        self.started = False  # start again (bucket, table, connection) before the next use
         self.host.problems[self.problem] = f"store unavailable: {exc}"
 
     def recovered(self) -> None:
@@ -122,6 +123,7 @@ class HostStores:
                 spec,
                 holder=self.holder,
                 js=lambda: self.host.js,
+                nc=lambda: self.host.nc,
                 declared_buckets=frozenset(self.host.manifest.kv),
             )
             guard = self.guards[ident] = StoreGuard(store, self.host)
