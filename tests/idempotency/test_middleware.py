@@ -155,16 +155,10 @@ async def test_key_from_a_module_function(host_factory: HostFactory, nc: NatsCli
         "keys.py": "import json\n\ndef order_id(data, ctx):\n    return json.loads(data)['o']\n",
     }
     host = await host_factory(manifest("{store: memory, key: 'keys:order_id'}"), files)
-    import sys
-
-    sys.path.insert(0, str(host.manifest.root))
-    try:
-        js = nc.jetstream()
-        for n in range(4):
-            await js.publish("in.x", json.dumps({"n": n, "o": n // 2}).encode())
-        await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
-    finally:
-        sys.path.remove(str(host.manifest.root))
+    js = nc.jetstream()
+    for n in range(4):
+        await js.publish("in.x", json.dumps({"n": n, "o": n // 2}).encode())
+    await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
     assert len(runs(host)) == 2
 
 
@@ -229,3 +223,13 @@ async def test_postgres_record_in_commits_effect_and_key_together(
         assert db.execute("SELECT count(*) FROM effects").fetchone() == (5,)
         done = db.execute("SELECT count(*) FROM fnhost_idempotency WHERE state = 'D'").fetchone()
         assert done == (5,)
+
+
+async def test_a_key_function_that_cannot_be_imported_fails_the_function(
+    host_factory: HostFactory,
+) -> None:
+    text = manifest("{store: memory, key: 'no_such_module:key'}")
+    host = await host_factory(text, {"fn.py": COUNTING})
+    state = host.functions["work"]
+    assert state.status == "failed"
+    assert "idempotency.key 'no_such_module:key' cannot be loaded" in (state.error or "")
