@@ -66,58 +66,82 @@ class WrongLast(Exception):
 
 
 class _Writes:
-    """Compare-and-set writes to JetStream, many in flight on one reply subscription."""
+    """Compare-and-set writes to JetStream, many in flight on one reply subscription.
+
+    A write is a publish with a reply subject ``<inbox>.<token>`` and a future
+    in ``_pending``; the answer resolves it. One sweeper task (not a timer per
+    write) fails writes left unanswered for ``TIMEOUT`` seconds.
+    """
 
     def __init__(self, nc: NatsClient) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox() + "."
         self._cut = len(self._prefix)
-        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
         self._tokens = itertools.count()
         self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._sub is None:
             self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._answer)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         sub, self._sub = self._sub, None
         if sub is not None and not self._nc.is_closed:
             await sub.unsubscribe()
 
     async def _answer(self, msg: Msg) -> None:
-        waiter = self._pending.pop(msg.subject[self._cut :], None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(msg)
+        pending = self._pending.pop(msg.subject[self._cut :], None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(msg)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TIMEOUT / 5)
+            now = loop.time()
+            late = [token for token, (_, due) in self._pending.items() if due <= now]
+            for token in late:
+                waiter, _ = self._pending.pop(token)
+                if not waiter.done():
+                    waiter.set_exception(
+                        StoreUnavailable(f"no answer from JetStream within {TIMEOUT:g}s")
+                    )
 
     async def put(self, subject: str, value: bytes, last: int | None) -> int:
         """Store ``value``; with ``last``, only if the subject's last revision is ``last``."""
         token = str(next(self._tokens))
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = waiter
+        self._pending[token] = (waiter, loop.time() + TIMEOUT)
         headers = None if last is None else {_EXPECTED_LAST: str(last)}
-        timer = loop.call_later(TIMEOUT, _expire, waiter)
         try:
             await self._nc.publish(subject, value, reply=self._prefix + token, headers=headers)
             msg = await waiter
         finally:
-            timer.cancel()
             self._pending.pop(token, None)
+        data = msg.data
+        # A PubAck is {"stream":"KV_b","seq":N[,...]}: read N without a JSON parse.
+        at = data.find(b'"seq":')
+        if at >= 0 and b'"error"' not in data:
+            end = at + 6
+            while end < len(data) and data[end] in _DIGITS:
+                end += 1
+            return int(data[at + 6 : end])
         if msg.headers and msg.headers.get("Status") == "503":
             raise StoreUnavailable("no JetStream stream answers (the bucket is gone?)")
-        answer = json.loads(msg.data)
-        error = answer.get("error")
-        if error is not None:
-            if error.get("err_code") in _WRONG_LAST:
-                raise WrongLast()
-            raise StoreUnavailable(f"JetStream: {error.get('description', error)}")
-        return int(answer["seq"])
+        error = json.loads(data).get("error") if data else None
+        if error is not None and error.get("err_code") in _WRONG_LAST:
+            raise WrongLast()
+        raise StoreUnavailable(f"JetStream: {error or data!r}")
 
 
-def _expire(waiter: asyncio.Future[Msg]) -> None:
-    if not waiter.done():
-        waiter.set_exception(StoreUnavailable(f"no answer from JetStream within {TIMEOUT:g}s"))
+_DIGITS = frozenset(b"0123456789")
 
 
 class KVStore:
