@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from fnhost.cli import app
 from fnhost.embedded import DEFAULT_PORT
+from fnhost_sdk.server import free_port
 from fnhost_sdk.testing import NatsServerFactory, assert_no_stray_servers
 from fnhost_sdk.waiting import wait_for_sync
 from support.cli import DevServer, fnhost, hold_port
@@ -393,3 +394,28 @@ def test_client_commands_without_a_running_dev_server_say_so(tmp_path: Path) -> 
     for args in (("invoke", "shout", "x"), ("publish", "orders.placed", "x")):
         result = fnhost(*args, cwd=project)
         _assert_user_error(result, "no embedded nats-server is running", "fnhost dev")
+
+
+def test_client_commands_connect_with_the_manifests_credentials(
+    tmp_path: Path, nats_server_factory: NatsServerFactory
+) -> None:
+    server = nats_server_factory(config_extra='authorization { user: fnhost, password: "right" }')
+    manifest = RUN_MANIFEST.format(url=server.url).replace("wrong-password", "right")
+    project = _project(tmp_path, manifest)
+
+    result = fnhost("publish", "anything", "x", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "published to anything" in result.stdout
+
+    wrong = _project(tmp_path / "wrong", RUN_MANIFEST.format(url=server.url))
+    result = fnhost("publish", "anything", "x", cwd=wrong)
+    _assert_user_error(result, f"cannot connect to NATS at {server.url}", "Authorization")
+
+
+def test_client_commands_give_up_on_an_unreachable_server_with_one_line(tmp_path: Path) -> None:
+    project = _project(tmp_path, DEV_MANIFEST, DEV_FILES)
+    dead = f"nats://127.0.0.1:{free_port()}"
+    for args in (("invoke", "shout", "x"), ("publish", "orders.placed", "x"), ("ls",)):
+        result = fnhost(*args, "--nats", dead, cwd=project)
+        stderr = _assert_user_error(result, f"cannot connect to NATS at {dead}")
+        assert sum(line.startswith("error:") for line in stderr.splitlines()) == 1, stderr

@@ -24,8 +24,9 @@ from rich.table import Table
 
 from fnhost.cli_deploy import register as register_deploy_commands
 from fnhost.cli_dlq import dlq_app
+from fnhost.connection import ConnectError, connect_briefly
 from fnhost.errors import ConfigError, FnhostError, LoadError, ManifestError
-from fnhost.manifest import Manifest, load_manifest
+from fnhost.manifest import Manifest, NatsConfig, load_manifest
 from fnhost_sdk import headers as h
 from fnhost_sdk.session import PublishError, Session
 
@@ -81,6 +82,11 @@ def _load(path: Path) -> Manifest:
         for issue in exc.issues:
             err.print(f"[red]error:[/red] {issue}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def client_nats_config(manifest_path: Path) -> NatsConfig | None:
+    """The credentials and TLS a client command connects with: the manifest's, if any."""
+    return _load(manifest_path).nats if manifest_path.is_file() else None
 
 
 def _run_async(main_coro: Callable[[], Awaitable[T]], loop: str = "auto") -> T:
@@ -301,10 +307,11 @@ def invoke(
                 )
             subject = spec.trigger.request or target
     url = client_url(nats_url, manifest)
+    nats_config = client_nats_config(manifest)
     body = _read_data(data)
 
     async def call() -> Any:
-        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+        nc = await connect_briefly(url, nats_config)
         try:
             return await nc.request(subject, body, timeout=timeout)
         finally:
@@ -312,6 +319,8 @@ def invoke(
 
     try:
         reply = _run_async(call)
+    except ConnectError as exc:
+        raise _fail(str(exc)) from None
     except nats.errors.NoRespondersError:
         raise _fail(f"no function answers on {subject!r} (is the host running?)") from None
     except nats.errors.TimeoutError:
@@ -339,11 +348,12 @@ def publish(
 ) -> None:
     """Publish a message; to a stream subject, wait until it is stored and print where."""
     url = client_url(nats_url, manifest)
+    nats_config = client_nats_config(manifest)
     stream = _load(manifest).stream_for_subject(subject) if manifest.is_file() else None
     body = _read_data(data)
 
     async def send() -> Any:
-        nc = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+        nc = await connect_briefly(url, nats_config)
         try:
             session = Session(nc)
             if stream is None:
@@ -357,6 +367,8 @@ def publish(
 
     try:
         ack = _run_async(send)
+    except ConnectError as exc:
+        raise _fail(str(exc)) from None
     except PublishError as exc:
         raise _fail(str(exc)) from None
     except (OSError, nats.errors.Error) as exc:

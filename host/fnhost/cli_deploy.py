@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from rich.table import Table
 
+from fnhost.connection import ConnectError, connect_briefly
 from fnhost.errors import LoadError
 from fnhost.loader import inspect_handler
 from fnhost.manifest import Manifest, parse_manifest
@@ -42,7 +43,6 @@ from fnhost_sdk.deploy import (
     HostReport,
     Registry,
     bucket_keys,
-    connect,
     function_settings,
     host_documents,
     publish,
@@ -87,11 +87,14 @@ def _registry(manifest: Manifest | None) -> Registry:
 
 
 def _run(work: Any) -> Any:
-    return _cli()._run_async(work)
+    try:
+        return _cli()._run_async(work)
+    except ConnectError as exc:
+        raise _fail(str(exc)) from None
 
 
-async def _connect(url: str) -> Any:
-    return await connect(url)
+async def _connect(url: str, manifest: Path) -> Any:
+    return await connect_briefly(url, _cli().client_nats_config(manifest))
 
 
 def _describe_import_error(path: Path, exc: BaseException) -> str:
@@ -242,7 +245,7 @@ def deploy(
     url = _cli().client_url(nats_url, manifest)
 
     async def ship() -> tuple[int, list[HostReport], list[str]]:
-        nc = await _connect(url)
+        nc = await _connect(url, manifest)
         try:
             columns = (TextColumn("upload"), BarColumn(), DownloadColumn())
             with Progress(*columns, console=err, transient=True) as bar:
@@ -283,7 +286,7 @@ def list_functions(manifest: ManifestOption = Path("fn.yaml"), nats_url: NatsOpt
     url = _cli().client_url(nats_url, manifest)
 
     async def read() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        nc = await _connect(url)
+        nc = await _connect(url, manifest)
         try:
             specs: dict[str, Any] = {}
             try:
@@ -344,7 +347,7 @@ def remove(
     url = _cli().client_url(nats_url, manifest)
 
     async def work() -> tuple[list[HostReport], list[str]]:
-        nc = await _connect(url)
+        nc = await _connect(url, manifest)
         try:
             kv = await nc.jetstream().key_value(registry.bucket)
             try:
@@ -382,7 +385,7 @@ def rollback(
     url = _cli().client_url(nats_url, manifest)
 
     async def work() -> tuple[list[HostReport], list[str]]:
-        nc = await _connect(url)
+        nc = await _connect(url, manifest)
         try:
             js = nc.jetstream()
             kv = await js.key_value(registry.bucket)

@@ -29,9 +29,10 @@ from rich.table import Table
 from rich.text import Text
 
 from fnhost import dlq
+from fnhost.connection import ConnectError, connect_briefly
 from fnhost.durations import format_duration
 from fnhost.errors import ManifestError
-from fnhost.manifest import Manifest, load_manifest
+from fnhost.manifest import Manifest, NatsConfig, load_manifest
 from fnhost_sdk import headers as h
 from fnhost_sdk.session import PublishError, Session
 
@@ -80,6 +81,7 @@ class _Scope:
     """What a command looks at: DLQ stream -> dead-letter subjects, and where NATS is."""
 
     url: str
+    nats: NatsConfig
     streams: dict[str, set[str]]
     function: str | None
 
@@ -131,26 +133,12 @@ def _scope(
         streams = {stream: streams[stream]}
     if not streams:
         raise _fail(f"no function in {path} has a dead_letter")
-    return _Scope(client_url(nats_url, path), streams, function)
+    return _Scope(client_url(nats_url, path), manifest.nats, streams, function)
 
 
 def _run(scope: _Scope, work: Callable[[Session], Awaitable[T]]) -> T:
-    connect_errors: list[Exception] = []
-
-    async def note(exc: Exception) -> None:
-        connect_errors.append(exc)
-
     async def main() -> T:
-        # Two tries, then NoServersError: max_reconnect_attempts=0 would mean "forever"
-        # (nats-py), and the default error callback prints a traceback per try.
-        nc = await nats.connect(
-            scope.url,
-            connect_timeout=3,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,
-            reconnect_time_wait=0.5,
-            error_cb=note,
-        )
+        nc = await connect_briefly(scope.url, scope.nats)
         try:
             return await work(Session(nc, publish_deadline=REPLAY_DEADLINE))
         finally:
@@ -158,11 +146,10 @@ def _run(scope: _Scope, work: Callable[[Session], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
+    except ConnectError as exc:
+        raise _fail(str(exc)) from None
     except NotFoundError as exc:
         raise _fail(f"not found on the server: {exc.description}") from None
-    except nats.errors.NoServersError:
-        why = f": {connect_errors[-1]}" if connect_errors else ""
-        raise _fail(f"cannot connect to NATS at {scope.url}{why}") from None
     except (OSError, nats.errors.Error) as exc:
         raise _fail(f"NATS at {scope.url}: {exc}") from None
 

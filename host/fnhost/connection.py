@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+import nats
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
@@ -85,6 +86,36 @@ def connect_options(config: NatsConfig, servers: list[str], *, name: str) -> dic
     if context is not None:
         options["tls"] = context
     return options
+
+
+async def connect_briefly(
+    url: str, config: NatsConfig | None = None, *, name: str = "fnhost-cli"
+) -> NatsClient:
+    """A connection for one short command (``invoke``, ``dlq``, ``deploy``, ...).
+
+    It uses the manifest's credentials and TLS like the host, tries twice, and then
+    raises :class:`ConnectError` naming the server and why: nats-py's
+    ``max_reconnect_attempts=0`` means *forever*, and its default error callback
+    prints a traceback per try.
+    """
+    errors: list[Exception] = []
+
+    async def note(exc: Exception) -> None:
+        errors.append(exc)
+
+    options = connect_options(config or NatsConfig(), url.split(","), name=name)
+    options.update(
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0.5,
+        connect_timeout=3,
+        error_cb=note,
+    )
+    try:
+        return await nats.connect(**options)
+    except (nats.errors.NoServersError, OSError) as exc:
+        last: BaseException = errors[-1] if errors else exc
+        why = refusal(last) or str(last) or type(last).__name__
+        raise ConnectError(f"cannot connect to NATS at {url}: {why}") from None
 
 
 async def connect(
