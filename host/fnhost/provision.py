@@ -167,11 +167,14 @@ async def ensure_kv(js: JetStreamContext, config: KeyValueConfig) -> None:
 
 
 async def ensure_object_store(js: JetStreamContext, config: ObjectStoreConfig) -> None:
+    bucket = config.bucket
+    assert bucket is not None
     await _ensure_backing_stream(
         js,
-        f"OBJ_{config.bucket}",
+        f"OBJ_{bucket}",
         {"num_replicas": config.replicas},
-        lambda: js.create_object_store(config=config),
+        # nats-py overwrites config.bucket with its bucket argument: pass both.
+        lambda: js.create_object_store(bucket, config=config),
     )
 
 

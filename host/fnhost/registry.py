@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from fnhost import provision
 from fnhost.errors import FnhostError, LoadError
 from fnhost.loader import LoadedFunction, inspect_handler
-from fnhost.manifest import FunctionSpec, KVSpec, RegistrySpec
+from fnhost.manifest import FunctionSpec, KVSpec, ObjectStoreSpec, RegistrySpec
 from fnhost_sdk.artifact import (
     DeployRefused,
     SignedSpec,
@@ -134,12 +134,10 @@ class RegistryWatcher:
         await provision.ensure_kv(js, provision.kv_config(config.status_bucket, KVSpec()))
         self._kv = await js.key_value(config.bucket)
         self._status = await js.key_value(config.status_bucket)
-        try:
-            self._store = await js.object_store(config.store)
-        except nats.js.errors.NotFoundError:
-            # Not provision.ensure_object_store: nats-py's create_object_store(config=...)
-            # drops the bucket name from the config.
-            self._store = await js.create_object_store(config.store)
+        await provision.ensure_object_store(
+            js, provision.object_store_config(config.store, ObjectStoreSpec())
+        )
+        self._store = await js.object_store(config.store)
         self._watcher = await self._kv.watchall()
         current = 0
         while True:
