@@ -108,6 +108,8 @@ class NatsServerFactory:
             jetstream=jetstream,
             config_extra=config_extra,
             server_name=server_name,
+            # A test run killed outright (a CI time box, Ctrl-C twice) leaves no server.
+            die_with_parent=True,
         )
         self.servers.append(server)
         return server.start() if start else server
