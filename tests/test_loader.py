@@ -107,8 +107,11 @@ def test_an_error_while_importing_names_the_file_and_line(tmp_path: Path) -> Non
 
 
 def test_a_failed_import_leaves_no_half_module_behind(tmp_path: Path) -> None:
-    load_error(project(tmp_path, {"fn.py": "raise RuntimeError('no')\n"}))
-    assert "fn" not in sys.modules
+    # Other tests of this process may have loaded a good `fn`: that one stays.
+    before = sys.modules.get("fn")
+    load_error(project(tmp_path, {"fn.py": "HALF = True\nraise RuntimeError('no')\n"}))
+    assert sys.modules.get("fn") is before
+    assert not hasattr(sys.modules.get("fn"), "HALF")
 
 
 def test_a_missing_dotted_module_is_named(tmp_path: Path) -> None:
