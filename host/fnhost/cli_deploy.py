@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import nats
 import nats.errors
@@ -48,6 +49,8 @@ from fnhost_sdk.deploy import (
     publish,
     wait_for_hosts,
 )
+
+T = TypeVar("T")
 
 out = Console()
 err = Console(stderr=True)
@@ -86,15 +89,24 @@ def _registry(manifest: Manifest | None) -> Registry:
     return Registry(config.bucket, config.store, config.status_bucket, config.history)
 
 
-def _run(work: Any) -> Any:
+def _with_nats(url: str, manifest: Path, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(nc)`` on a short-lived connection; NATS trouble is one line and exit 1."""
+    config = _cli().client_nats_config(manifest)
+
+    async def main() -> T:
+        nc = await connect_briefly(url, config)
+        try:
+            return await work(nc)
+        finally:
+            await nc.close()
+
     try:
-        return _cli()._run_async(work)
+        result: T = _cli()._run_async(main)
     except ConnectError as exc:
         raise _fail(str(exc)) from None
-
-
-async def _connect(url: str, manifest: Path) -> Any:
-    return await connect_briefly(url, _cli().client_nats_config(manifest))
+    except (OSError, nats.errors.Error, nats.js.errors.Error) as exc:
+        raise _fail(f"cannot reach NATS at {url}: {exc}") from None
+    return result
 
 
 def _describe_import_error(path: Path, exc: BaseException) -> str:
@@ -244,38 +256,29 @@ def deploy(
         raise _fail(f"the artifact is {artifact.size} bytes, over max_artifact_size {limit}")
     url = _cli().client_url(nats_url, manifest)
 
-    async def ship() -> tuple[int, list[HostReport], list[str]]:
-        nc = await _connect(url, manifest)
-        try:
-            columns = (TextColumn("upload"), BarColumn(), DownloadColumn())
-            with Progress(*columns, console=err, transient=True) as bar:
-                task = bar.add_task("upload", total=artifact.size)
-                revision = await publish(
-                    nc,
-                    name=fname,
-                    artifact=artifact,
-                    settings=settings,
-                    seed=seed,
-                    registry=registry,
-                    progress=lambda done, total: bar.update(task, completed=done),
-                )
-            out.print(
-                f"deployed [bold]{fname}[/bold] version [bold]{revision}[/bold] "
-                f"({artifact.size} bytes, sha256 {artifact.sha256[:12]})"
+    async def ship(nc: Any) -> tuple[int, list[HostReport], list[str]]:
+        columns = (TextColumn("upload"), BarColumn(), DownloadColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("upload", total=artifact.size)
+            revision = await publish(
+                nc,
+                name=fname,
+                artifact=artifact,
+                settings=settings,
+                seed=seed,
+                registry=registry,
+                progress=lambda done, total: bar.update(task, completed=done),
             )
-            if no_wait:
-                return revision, [], []
-            reports, silent = await wait_for_hosts(
-                nc, fname, revision, registry=registry, timeout=wait
-            )
-            return revision, reports, silent
-        finally:
-            await nc.close()
+        out.print(
+            f"deployed [bold]{fname}[/bold] version [bold]{revision}[/bold] "
+            f"({artifact.size} bytes, sha256 {artifact.sha256[:12]})"
+        )
+        if no_wait:
+            return revision, [], []
+        reports, silent = await wait_for_hosts(nc, fname, revision, registry=registry, timeout=wait)
+        return revision, reports, silent
 
-    try:
-        _, reports, silent = _run(ship)
-    except (OSError, nats.errors.Error, nats.js.errors.Error) as exc:
-        raise _fail(f"cannot deploy through NATS at {url}: {exc}") from None
+    _, reports, silent = _with_nats(url, manifest, ship)
     if not no_wait:
         _finish(reports, silent, ("running",))
 
@@ -285,28 +288,21 @@ def list_functions(manifest: ManifestOption = Path("fn.yaml"), nats_url: NatsOpt
     registry = _registry(_manifest(manifest))
     url = _cli().client_url(nats_url, manifest)
 
-    async def read() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        nc = await _connect(url, manifest)
+    async def read(nc: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        specs: dict[str, Any] = {}
         try:
-            specs: dict[str, Any] = {}
-            try:
-                kv = await nc.jetstream().key_value(registry.bucket)
-                for key in await bucket_keys(nc.jetstream(), registry.bucket):
-                    try:
-                        entry = await kv.get(key)
-                    except nats.js.errors.KeyNotFoundError:
-                        continue  # removed
-                    specs[key] = (entry.revision, json.loads(entry.value or b"{}"))
-            except nats.js.errors.BucketNotFoundError:
-                pass
-            return specs, await host_documents(nc, registry)
-        finally:
-            await nc.close()
+            kv = await nc.jetstream().key_value(registry.bucket)
+            for key in await bucket_keys(nc.jetstream(), registry.bucket):
+                try:
+                    entry = await kv.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    continue  # removed
+                specs[key] = (entry.revision, json.loads(entry.value or b"{}"))
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        return specs, await host_documents(nc, registry)
 
-    try:
-        specs, hosts = _run(read)
-    except (OSError, nats.errors.Error, nats.js.errors.Error) as exc:
-        raise _fail(f"cannot reach NATS at {url}: {exc}") from None
+    specs, hosts = _with_nats(url, manifest, read)
     table = Table("function", "version", "deployed at", "by", "hosts")
     for fname in sorted(specs):
         revision, envelope = specs[fname]
@@ -346,28 +342,21 @@ def remove(
     registry = _registry(_manifest(manifest))
     url = _cli().client_url(nats_url, manifest)
 
-    async def work() -> tuple[list[HostReport], list[str]]:
-        nc = await _connect(url, manifest)
+    async def work(nc: Any) -> tuple[list[HostReport], list[str]]:
+        kv = await nc.jetstream().key_value(registry.bucket)
         try:
-            kv = await nc.jetstream().key_value(registry.bucket)
-            try:
-                await kv.get(name)
-            except nats.js.errors.KeyNotFoundError:
-                raise _fail(f"{name!r} is not deployed") from None
-            await kv.delete(name)
-            # nats-py returns no revision for a delete: read the marker's from the history.
-            revision = (await kv.history(name))[-1].revision or 0
-            out.print(f"removed [bold]{name}[/bold] (revision {revision})")
-            if no_wait:
-                return [], []
-            return await wait_for_hosts(nc, name, revision, registry=registry, timeout=wait)
-        finally:
-            await nc.close()
+            await kv.get(name)
+        except nats.js.errors.KeyNotFoundError:
+            raise _fail(f"{name!r} is not deployed") from None
+        await kv.delete(name)
+        # nats-py returns no revision for a delete: read the marker's from the history.
+        revision = (await kv.history(name))[-1].revision or 0
+        out.print(f"removed [bold]{name}[/bold] (revision {revision})")
+        if no_wait:
+            return [], []
+        return await wait_for_hosts(nc, name, revision, registry=registry, timeout=wait)
 
-    try:
-        reports, silent = _run(work)
-    except (OSError, nats.errors.Error, nats.js.errors.Error) as exc:
-        raise _fail(f"cannot reach NATS at {url}: {exc}") from None
+    reports, silent = _with_nats(url, manifest, work)
     if not no_wait:
         _finish(reports, silent, ("stopped",))
 
@@ -384,39 +373,30 @@ def rollback(
     registry = _registry(_manifest(manifest))
     url = _cli().client_url(nats_url, manifest)
 
-    async def work() -> tuple[list[HostReport], list[str]]:
-        nc = await _connect(url, manifest)
+    async def work(nc: Any) -> tuple[list[HostReport], list[str]]:
+        js = nc.jetstream()
+        kv = await js.key_value(registry.bucket)
         try:
-            js = nc.jetstream()
-            kv = await js.key_value(registry.bucket)
-            try:
-                history = await kv.history(name)
-            except nats.js.errors.NoKeysError:
-                raise _fail(f"{name!r} has no history in {registry.bucket}") from None
-            puts = {e.revision: e for e in history if e.operation is None and e.value}
-            current = history[-1].revision or 0
-            target = (
-                to
-                if to is not None
-                else await _previous_accepted(js, registry, name, puts, current)
-            )
-            if target not in puts:
-                kept = ", ".join(str(r) for r in sorted(puts)) or "none"
-                raise _fail(f"version {target} of {name!r} is not in the history (kept: {kept})")
-            envelope = json.loads(puts[target].value)
-            envelope["rollback_of"] = target
-            revision = await kv.put(name, json.dumps(envelope).encode())
-            out.print(f"{name} version [bold]{revision}[/bold] (rollback of {target})")
-            if no_wait:
-                return [], []
-            return await wait_for_hosts(nc, name, revision, registry=registry, timeout=wait)
-        finally:
-            await nc.close()
+            history = await kv.history(name)
+        except nats.js.errors.NoKeysError:
+            raise _fail(f"{name!r} has no history in {registry.bucket}") from None
+        puts = {e.revision: e for e in history if e.operation is None and e.value}
+        current = history[-1].revision or 0
+        target = (
+            to if to is not None else await _previous_accepted(js, registry, name, puts, current)
+        )
+        if target not in puts:
+            kept = ", ".join(str(r) for r in sorted(puts)) or "none"
+            raise _fail(f"version {target} of {name!r} is not in the history (kept: {kept})")
+        envelope = json.loads(puts[target].value)
+        envelope["rollback_of"] = target
+        revision = await kv.put(name, json.dumps(envelope).encode())
+        out.print(f"{name} version [bold]{revision}[/bold] (rollback of {target})")
+        if no_wait:
+            return [], []
+        return await wait_for_hosts(nc, name, revision, registry=registry, timeout=wait)
 
-    try:
-        reports, silent = _run(work)
-    except (OSError, nats.errors.Error, nats.js.errors.Error) as exc:
-        raise _fail(f"cannot reach NATS at {url}: {exc}") from None
+    reports, silent = _with_nats(url, manifest, work)
     if not no_wait:
         _finish(reports, silent, ("running",))
 
