@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,24 @@ def test_client_commands_give_up_on_an_unreachable_server_with_one_line(tmp_path
         result = fnhost(*args, "--nats", dead, cwd=project)
         stderr = _assert_user_error(result, f"cannot connect to NATS at {dead}")
         assert sum(line.startswith("error:") for line in stderr.splitlines()) == 1, stderr
+
+
+def test_dev_serves_http_on_another_port_when_the_manifests_is_taken(tmp_path: Path) -> None:
+    """A second project under `fnhost dev` is not an error; under `run` a taken port is."""
+    taken = free_port()
+    manifest = DEV_MANIFEST.replace("http: false", f"http: {{port: {taken}}}")
+    project = _project(tmp_path / "dev", manifest, DEV_FILES)
+    with hold_port(taken):
+        dev = DevServer(project)
+        try:
+            dev.wait_ready()
+            found = re.search(rf"HTTP port {taken} is taken; serving on (\d+) instead", dev.log())
+            assert found, dev.log()
+            with urllib.request.urlopen(f"http://127.0.0.1:{found[1]}/healthz", timeout=10) as r:
+                assert r.status == 200
+        finally:
+            assert dev.stop() == 0, dev.log()
+
+        run = _project(tmp_path / "run", manifest, DEV_FILES)
+        result = fnhost("run", "fn.yaml", cwd=run, timeout=60)
+        _assert_user_error(result, f"cannot serve HTTP on 127.0.0.1:{taken}", "http.port")

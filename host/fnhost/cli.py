@@ -133,7 +133,13 @@ def _host_command(
             from fnhost.reload import HotReload  # watchfiles only when asked for
 
             plugins.append(HotReload())
-        host = Host(manifest, nats_url=nats_url, drain_grace=grace, plugins=plugins)
+        host = Host(
+            manifest,
+            nats_url=nats_url,
+            drain_grace=grace,
+            plugins=plugins,
+            any_http_port_if_taken=force_embedded,  # dev: a second project is not an error
+        )
         return await host.serve()
 
     try:

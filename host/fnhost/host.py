@@ -74,8 +74,10 @@ class Host:
         drain_grace: float = DEFAULT_GRACE,
         plugins: Sequence[object] = (),
         load_entry_points: bool = True,
+        any_http_port_if_taken: bool = False,
     ) -> None:
         self.manifest = manifest
+        self._any_http_port_if_taken = any_http_port_if_taken
         self.drain_grace = drain_grace
         self.plugins = PluginManager()
         for plugin in plugins:
@@ -128,7 +130,7 @@ class Host:
         """Serve HTTP, connect, provision, load every function and start its trigger."""
         if self.manifest.http is not None:
             self.http = HttpServer(self, self.manifest.http)
-            self.http_url = await self.http.start()
+            self.http_url = await self.http.start(any_port_if_taken=self._any_http_port_if_taken)
             log.info("HTTP on %s (status page, /healthz, /readyz, /metrics)", self.http_url)
         servers = await self._servers()
         self._nc = await connect(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import socket
@@ -206,6 +207,17 @@ class _InLoopServer(uvicorn.Server):
         yield
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class HttpServer:
     """Serves :func:`build_app` until stopped."""
 
@@ -223,22 +235,25 @@ class HttpServer:
         self._task: asyncio.Task[None] | None = None
         self.url: str | None = None
 
-    async def start(self) -> str:
+    async def start(self, *, any_port_if_taken: bool = False) -> str:
         """Start serving; returns the URL (with the real port when ``port: 0``).
 
         The socket is bound here so that a taken port is a clear ``OSError``
-        (uvicorn would exit the process from inside its task).
+        (uvicorn would exit the process from inside its task), or, with
+        ``any_port_if_taken`` (``fnhost dev``: two projects side by side), a
+        free port and a warning.
         """
-        sock = socket.socket(socket.AF_INET6 if ":" in self._config.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        host, port = self._config.host, self._config.port
         try:
-            sock.bind((self._config.host, self._config.port))
+            sock = _bind(host, port)
         except OSError as exc:
-            sock.close()
-            raise OSError(
-                f"cannot serve HTTP on {self._config.host}:{self._config.port}: {exc.strerror} "
-                "(set http.port, 0 for any free port, or http: false)"
-            ) from None
+            if not (any_port_if_taken and exc.errno == errno.EADDRINUSE):
+                raise OSError(
+                    f"cannot serve HTTP on {host}:{port}: {exc.strerror} "
+                    "(set http.port, 0 for any free port, or http: false)"
+                ) from None
+            sock = _bind(host, 0)
+            log.warning("HTTP port %d is taken; serving on %d instead", port, sock.getsockname()[1])
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._task.done():
