@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -355,7 +356,14 @@ async def test_killing_the_stream_leader_elects_another(nats_cluster: NatsCluste
     async with connected(nats_cluster.urls, reconnect_time_wait=0.1) as nc:
         js = nc.jetstream()
         await js.add_stream(name="FAIL", subjects=["fail"], num_replicas=3)
-        ack = await js.publish("fail", b"kept")
+        # A new R3 stream may not answer on every node until its leader's interest has
+        # spread over the routes; the message id makes a retried publish store once.
+        ack = await wait_for(
+            lambda: js.publish("fail", b"kept", headers={"Nats-Msg-Id": "kept"}),
+            timeout=30,
+            message="the new R3 stream takes a publish",
+            ignore=(nats.js.errors.NoStreamResponseError,),
+        )
         old = await nats_cluster.stream_leader(nc, "FAIL")
         old.kill()
         new = await nats_cluster.stream_leader(nc, "FAIL", timeout=30)
