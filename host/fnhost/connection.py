@@ -113,8 +113,11 @@ async def connect_briefly(
     try:
         return await nats.connect(**options)
     except (nats.errors.NoServersError, OSError) as exc:
+        # A refusal (credentials, certificate) explains more than what followed it,
+        # e.g. the reset of the connection the server closed after refusing.
+        refusals = [why for why in map(refusal, errors) if why]
         last: BaseException = errors[-1] if errors else exc
-        why = refusal(last) or str(last) or type(last).__name__
+        why = refusals[-1] if refusals else str(last) or type(last).__name__
         raise ConnectError(f"cannot connect to NATS at {url}: {why}") from None
 
 
