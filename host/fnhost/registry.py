@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fnhost.registry")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+INITIAL_QUIET = 0.5
+"""Seconds without a value, after nats-py's end-of-values marker, that end the initial read."""
 
 
 def registry_module_name(name: str) -> str:
@@ -138,14 +140,30 @@ class RegistryWatcher:
             js, provision.object_store_config(config.store, ObjectStoreSpec())
         )
         self._store = await js.object_store(config.store)
+        # The initial values end with the bucket's last revision as of now. nats-py's
+        # end-of-values marker (None) can come before the last values, when the
+        # server's pending count reads 0 early; after it, values that keep coming
+        # are still initial, and quiet means the last revision's entry is gone.
+        last = (await js.stream_info(f"KV_{config.bucket}")).state.last_seq
         self._watcher = await self._kv.watchall()
         current = 0
-        while True:
-            entry = await self._watcher.updates(timeout=30)  # type: ignore[no-untyped-call]
+        marker_seen = False
+        while last:
+            try:
+                entry = await self._watcher.updates(  # type: ignore[no-untyped-call]
+                    timeout=INITIAL_QUIET if marker_seen else 30
+                )
+            except nats.errors.TimeoutError:
+                if marker_seen:
+                    break
+                raise
             if entry is None:
-                break  # the end of the current values
+                marker_seen = True
+                continue
             current += 1
             await self._initial(entry)
+            if (entry.revision or 0) >= last:
+                break
         log.info(
             "registry: %d deployed functions in %s (host id %s)",
             current,
