@@ -247,6 +247,8 @@ async def test_a_missing_dlq_stream_leaves_the_original_unacked_until_it_exists(
         return info.delivered.stream_seq == ack.seq and info.num_ack_pending == 1
 
     await wait_for(delivered_not_acked, message="the original delivered and held")
+    # The server counts it delivered a moment before the handler has run.
+    await wait_for(lambda: module_of(host).SEEN, message="the handler ran")
     assert module_of(host).SEEN == [(b"reject me", 1)]
     manifest = host.manifest
     await provision.ensure_stream(js, provision.stream_config("DLQ", manifest.streams["DLQ"]))
