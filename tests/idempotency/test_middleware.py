@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -64,8 +65,13 @@ def runs(host: Host) -> list[int]:
 
 
 async def settled(nc: NatsClient) -> bool:
-    info = await nc.jetstream().consumer_info("IN", "work")
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    """Every message of IN delivered and acked or termed. The delivered sequence is
+    checked too: right after a publish the consumer may not count it pending yet."""
+    js = nc.jetstream()
+    last = (await js.stream_info("IN")).state.last_seq
+    info = await js.consumer_info("IN", "work")
+    caught_up = info.delivered.stream_seq >= last
+    return caught_up and info.num_pending == 0 and info.num_ack_pending == 0
 
 
 async def publish(nc: NatsClient, n: int, **headers: str) -> None:
@@ -142,9 +148,14 @@ async def test_missing_key_header_is_dead_lettered(
         manifest("{store: memory, key: 'header:Order-Id'}"), {"fn.py": COUNTING}
     )
     await publish(nc, 1)
+    dead = await wait_for(
+        lambda: nc.jetstream().get_last_msg("DLQ", "dlq.work"),
+        timeout=20,
+        message="the message dead-lettered",
+        ignore=(nats.js.errors.NotFoundError,),
+    )
     await wait_for(lambda: settled(nc), timeout=20, message="the message settled")
     assert runs(host) == []
-    dead = await nc.jetstream().get_last_msg("DLQ", "dlq.work")
     assert dead.headers is not None
     assert "Order-Id" in dead.headers["Fnhost-Error"]
 
