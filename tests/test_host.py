@@ -133,8 +133,12 @@ async def _publish_items(js: JetStreamContext, count: int) -> list[str]:
 
 
 async def _all_settled(js: JetStreamContext) -> bool:
+    """Every stored message delivered and acked (the consumer may count a message
+    pending only a moment after its publish, hence the delivered sequence)."""
+    last = (await js.stream_info("WORK")).state.last_seq
     info = await js.consumer_info("WORK", "slow")
-    return info.num_pending == 0 and info.num_ack_pending == 0
+    caught_up = info.delivered.stream_seq >= last
+    return caught_up and info.num_pending == 0 and info.num_ack_pending == 0
 
 
 def _terminate(host: HostProcess) -> int:
