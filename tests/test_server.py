@@ -17,6 +17,8 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
 
 import fnhost_sdk.server
 from fnhost_sdk.cluster import NatsCluster
@@ -321,6 +323,21 @@ def test_die_with_parent_stops_the_server_when_its_owner_is_killed(tmp_path: Pat
 # --------------------------------------------------------------------------- cluster
 
 
+async def publish_to_new_stream(js: JetStreamContext, subject: str, data: bytes) -> PubAck:
+    """Publish to a stream just created with replicas, once.
+
+    A new R3 stream may not answer on every node until its leader's interest has
+    spread over the routes; the message id makes a retried publish store once.
+    """
+    ack: PubAck = await wait_for(
+        lambda: js.publish(subject, data, headers={"Nats-Msg-Id": f"{subject}:first"}),
+        timeout=30,
+        message=f"the new stream takes a publish on {subject}",
+        ignore=(nats.js.errors.NoStreamResponseError,),
+    )
+    return ack
+
+
 @pytest.mark.nats
 async def test_cluster_forms_and_places_an_r3_stream(nats_cluster: NatsCluster) -> None:
     assert len(nats_cluster.servers) == 3
@@ -338,7 +355,7 @@ async def test_cluster_forms_and_places_an_r3_stream(nats_cluster: NatsCluster) 
         js = nc.jetstream()
         info = await js.add_stream(name="R3", subjects=["r3.>"], num_replicas=3)
         assert info.config.num_replicas == 3
-        await js.publish("r3.a", b"x")
+        await publish_to_new_stream(js, "r3.a", b"x")
         await js.add_consumer("R3", durable_name="worker")
 
         leader = await nats_cluster.stream_leader(nc, "R3")
@@ -356,14 +373,7 @@ async def test_killing_the_stream_leader_elects_another(nats_cluster: NatsCluste
     async with connected(nats_cluster.urls, reconnect_time_wait=0.1) as nc:
         js = nc.jetstream()
         await js.add_stream(name="FAIL", subjects=["fail"], num_replicas=3)
-        # A new R3 stream may not answer on every node until its leader's interest has
-        # spread over the routes; the message id makes a retried publish store once.
-        ack = await wait_for(
-            lambda: js.publish("fail", b"kept", headers={"Nats-Msg-Id": "kept"}),
-            timeout=30,
-            message="the new R3 stream takes a publish",
-            ignore=(nats.js.errors.NoStreamResponseError,),
-        )
+        ack = await publish_to_new_stream(js, "fail", b"kept")
         old = await nats_cluster.stream_leader(nc, "FAIL")
         old.kill()
         new = await nats_cluster.stream_leader(nc, "FAIL", timeout=30)
