@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
@@ -107,14 +108,14 @@ async def dead_letters(js: JetStreamContext, stream: str = "DLQ") -> list[RawStr
     """Every message in the DLQ stream (an empty list if the stream is missing)."""
     try:
         last = (await js.stream_info(stream)).state.last_seq
-    except Exception:
+    except nats.js.errors.NotFoundError:
         return []
     found = []
     for seq in range(1, last + 1):
         try:
             found.append(await js.get_msg(stream, seq))
-        except Exception:
-            continue
+        except nats.js.errors.NotFoundError:
+            continue  # deleted (replayed or purged)
     return found
 
 

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from fnhost_sdk.testing import wait_for
+from support import require
 
 from ._support import HostFactory
 
@@ -45,20 +45,12 @@ def _chromium() -> str | None:
     return None
 
 
-def _missing() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "playwright is not installed (pip install -e '.[test]')"
-    if _chromium() is None:
-        return "no chromium on PATH (apt-get install chromium)"
-    return None
-
-
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    if reason := _missing():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser test cannot run under CI: {reason}")
-        pytest.skip(reason)
+    require(
+        "playwright (pip install -e '.[test]')", importlib.util.find_spec("playwright") is not None
+    )
+    require("chromium (apt-get install chromium)", _chromium() is not None)
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:

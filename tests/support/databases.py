@@ -27,6 +27,7 @@ import pytest
 
 from fnhost_sdk.server import free_port
 from fnhost_sdk.waiting import wait_for_sync
+from support import require
 
 
 def _pg_bin() -> Path:
@@ -54,15 +55,6 @@ __all__ = [
     "redis_url",
     "require",
 ]
-
-
-def require(what: str, found: bool) -> None:
-    """Skip (developer machine) or fail (``CI=true``) when ``what`` is not installed."""
-    if found:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is not installed, and CI must run these tests", pytrace=False)
-    pytest.skip(f"{what} is not installed")
 
 
 def _stop(proc: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float) -> None:
