@@ -13,5 +13,11 @@ async def create_order(order: dict) -> dict:
     return {"order_id": uuid.uuid4().hex, "status": "accepted", "total": order["total"]}
 
 
+async def forward(event: dict) -> dict:
+    """``consume`` plus one JetStream round trip: the host publishes the return value to
+    ``output:`` and awaits its PubAck before the ack (``stores.py``'s ``round-trip`` row)."""
+    return event
+
+
 async def consume(event: dict) -> None:
     """Decoding the body into ``event`` is the whole job; the host acks on return."""

@@ -1,7 +1,8 @@
 """What each idempotency store costs: messages/s of one stream function, store by store.
 
-    python bench/stores.py [--rounds 3] [--messages 20000] [--only none,memory,kv,redis,postgres]
-                           [--loop uvloop|asyncio] [--sync always|default]
+    python bench/stores.py [--rounds 3] [--messages 20000] [--loop uvloop|asyncio]
+                           [--only none,round-trip,memory,kv,redis,postgres]
+                           [--sync always|default]
 
 The function is workload B of ``run.py`` (``bench/functions.py:consume``:
 decode the JSON, return; the host acks), run by ``python -m fnhost run`` with
@@ -25,6 +26,12 @@ the other core). ``--sync default`` runs nats-server with its default fsync
 interval instead of ``sync_interval: always``, which separates the host's own
 cost per message from the server's fsync per KV write. Writes
 bench/results/stores-sync-<always|default>.json.
+
+``round-trip`` is not a store but the floor under every store that talks to
+a server: no ``idempotency:``, and the handler's return value goes to
+``output:`` (a second stream), so the host awaits exactly one JetStream PubAck
+per message before the ack, and nothing else. A store needing one round trip
+before the handler or before the ack cannot cost less than this row.
 
 Before the trials it measures the *kv ceiling*: compare-and-set writes per
 second into a KV bucket from one plain nats-py client with 64 in flight and no
@@ -56,7 +63,8 @@ import nats.errors
 from harness import BENCH_DIR, LOOPS, REPO_DIR, NatsServer, Process, ProcessFailed, default_loop
 from run import LOG_DIR, RESULTS_DIR, host_env, measure_consume, package_version, reset_stream
 
-STORES = ("none", "memory", "kv", "redis", "postgres")
+STORES = ("none", "round-trip", "memory", "kv", "redis", "postgres")
+ROUND_TRIP = "round-trip"
 CEILING_WRITES = 8_000
 CEILING_INFLIGHT = 64
 
@@ -65,12 +73,13 @@ version: 1
 http: false
 streams:
   BENCH: {{subjects: ["bench.events.>"], storage: file}}
+  BENCHOUT: {{subjects: ["bench.out.>"], storage: file}}
 functions:
   bench-consume:
     module: {module}
-    handler: consume
+    handler: {handler}
     trigger: {{stream: BENCH, subjects: ["bench.events.>"], durable: bench-consume}}
-{idempotency}"""
+{extra}"""
 
 
 def _databases() -> Any:
@@ -82,13 +91,15 @@ def _databases() -> Any:
 
 
 def manifest_for(store: str, trial: str, urls: dict[str, str]) -> str:
-    idempotency = ""
-    if store != "none":
+    handler, extra = "consume", ""
+    if store == ROUND_TRIP:
+        handler, extra = "forward", "    output: bench.out.forward\n"
+    elif store != "none":
         settings = f"store: {store}, bucket: {trial}"
         if store in urls:
             settings += f", url: '{urls[store]}'"
-        idempotency = f"    idempotency: {{{settings}}}\n"
-    return MANIFEST.format(module=BENCH_DIR / "functions.py", idempotency=idempotency)
+        extra = f"    idempotency: {{{settings}}}\n"
+    return MANIFEST.format(module=BENCH_DIR / "functions.py", handler=handler, extra=extra)
 
 
 async def trial(
@@ -183,7 +194,7 @@ async def bench(args: Any) -> tuple[dict[str, list[float]], dict[str, str], str,
         print(f"kv ceiling: {ceiling:,.0f} CAS writes/s (one client, no host)")
         for round_no in range(1, args.rounds + 1):
             for store in stores:
-                print(f"round {round_no}/{args.rounds}  {store:<9}", end="", flush=True)
+                print(f"round {round_no}/{args.rounds}  {store:<10}", end="", flush=True)
                 rate, redelivered = await trial(store, round_no, url, urls, workdir, args)
                 extra = f"  ({redelivered} redelivered)" if redelivered else ""
                 print(f"  {rate:>9,.0f} msgs/s{extra}")
@@ -218,18 +229,18 @@ def print_report(
         f"{meta['messages']:,} messages per trial, "
         f"median of {meta['rounds']} round(s)\n"
     )
-    header = f"{'store':<10}{'msgs/s':>10}{'min':>10}{'max':>10}{'vs none':>9}"
+    header = f"{'store':<11}{'msgs/s':>10}{'min':>10}{'max':>10}{'vs none':>9}"
     print(header + f"{'µs/msg':>9}{'store µs':>10}")
     for store, row in rows.items():
         ratio = "-" if row["vs_none"] is None else f"{row['vs_none']:.2f}x"
         cost = row["store_us_per_message"]
         cost_text = "-" if cost is None or store == "none" else f"{cost:,.0f}"
         print(
-            f"{store:<10}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
+            f"{store:<11}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
             f"{ratio:>9}{row['us_per_message']:>9,.0f}{cost_text:>10}"
         )
     for store, reason in skipped.items():
-        print(f"{store:<10}{'n/a':>10}   {reason}")
+        print(f"{store:<11}{'n/a':>10}   {reason}")
     ceiling = meta["kv_ceiling_writes_per_s"]
     print(
         f"\nkv ceiling: {ceiling:,.0f} CAS writes/s into a KV bucket (one nats-py client, "

@@ -24,6 +24,7 @@ from nats.js.object_store import ObjectStore
 from fnhost_sdk import headers as h
 from fnhost_sdk.codec import decoder_for, encode
 from fnhost_sdk.errors import FnhostError, ServiceError
+from fnhost_sdk.replies import publish_to_stream
 
 T = TypeVar("T")
 
@@ -38,8 +39,7 @@ PUBLISH_DEADLINE = 30.0
 
 _RETRYABLE_PUBLISH_ERRORS = (
     nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    # js.publish turns "no responders" into this: no stream captures the subject
+    # A publish turns "no responders" into this: no stream captures the subject
     # (yet: a stream being created, a server restarting, a leader being elected).
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
@@ -122,15 +122,16 @@ class Session:
     async def publish_durable(
         self, subject: str, payload: bytes, headers: dict[str, str] | None
     ) -> PubAck:
-        """``js.publish`` retried with back-off until the deadline; raises :class:`PublishError`."""
+        """A JetStream publish (pipelined, :mod:`fnhost_sdk.replies`) retried with back-off
+        until the deadline; raises :class:`PublishError`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._publish_deadline
         pause = 0.05
         while True:
             remaining = deadline - loop.time()
             try:
-                return await self.js.publish(
-                    subject, payload, timeout=min(5.0, max(remaining, 0.1)), headers=headers
+                return await publish_to_stream(
+                    self.nc, subject, payload, headers, timeout=min(5.0, max(remaining, 0.1))
                 )
             except _RETRYABLE_PUBLISH_ERRORS as exc:
                 if loop.time() + pause >= deadline:

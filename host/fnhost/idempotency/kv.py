@@ -20,19 +20,17 @@ bucket; the bucket's ``max_age`` (the largest ``ttl`` of the functions that
 use it, when fnhost creates the bucket) lets the server drop old entries.
 A bucket declared under ``kv:`` in fn.yaml is used as it is.
 
-Writes are pipelined across concurrent invocations (:class:`_Writes`): each
-is a plain publish with a reply subject under one wildcard subscription, and
-its PubAck resolves a future. No request task, timer task or inbox per write,
-so many writes are in flight at once and the Python cost per write stays a few
-microseconds; the server's answer still comes back before the invocation goes
-on (never an ack before the record is stored).
+Writes are pipelined across concurrent invocations
+(:class:`fnhost_sdk.replies.Replies`, shared with the connection's stream
+publishes): a plain publish whose PubAck resolves a future, no timer or inbox
+per write, so many writes are in flight at once; the server's answer still
+comes back before the invocation goes on (never an ack before the record is
+stored).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import itertools
 import json
 import logging
 import time
@@ -44,11 +42,10 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
+from fnhost_sdk.replies import Replies, replies_for
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
-    from nats.aio.msg import Msg
-    from nats.aio.subscription import Subscription
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -65,80 +62,25 @@ class WrongLast(Exception):
     """The entry's revision is not the one the write expected."""
 
 
-class _Writes:
-    """Compare-and-set writes to JetStream, many in flight on one reply subscription.
-
-    A write is a publish with a reply subject ``<inbox>.<token>`` and a future
-    in ``_pending``; the answer resolves it. One sweeper task (not a timer per
-    write) fails writes left unanswered for ``TIMEOUT`` seconds.
-    """
-
-    def __init__(self, nc: NatsClient) -> None:
-        self._nc = nc
-        self._prefix = nc.new_inbox() + "."
-        self._cut = len(self._prefix)
-        self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
-        self._tokens = itertools.count()
-        self._sub: Subscription | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self._sub is None:
-            self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._answer)
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        sub, self._sub = self._sub, None
-        if sub is not None and not self._nc.is_closed:
-            await sub.unsubscribe()
-
-    async def _answer(self, msg: Msg) -> None:
-        pending = self._pending.pop(msg.subject[self._cut :], None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result(msg)
-
-    async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(TIMEOUT / 5)
-            now = loop.time()
-            late = [token for token, (_, due) in self._pending.items() if due <= now]
-            for token in late:
-                waiter, _ = self._pending.pop(token)
-                if not waiter.done():
-                    waiter.set_exception(
-                        StoreUnavailable(f"no answer from JetStream within {TIMEOUT:g}s")
-                    )
-
-    async def put(self, subject: str, value: bytes, last: int | None) -> int:
-        """Store ``value``; with ``last``, only if the subject's last revision is ``last``."""
-        token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = (waiter, loop.time() + TIMEOUT)
-        headers = None if last is None else {_EXPECTED_LAST: str(last)}
-        try:
-            await self._nc.publish(subject, value, reply=self._prefix + token, headers=headers)
-            msg = await waiter
-        finally:
-            self._pending.pop(token, None)
-        data = msg.data
-        # A PubAck is {"stream":"KV_b","seq":N[,...]}: read N without a JSON parse.
-        at = data.find(b'"seq":')
-        if at >= 0 and b'"error"' not in data:
-            end = at + 6
-            while end < len(data) and data[end] in _DIGITS:
-                end += 1
-            return int(data[at + 6 : end])
-        if msg.headers and msg.headers.get("Status") == "503":
-            raise StoreUnavailable("no JetStream stream answers (the bucket is gone?)")
-        error = json.loads(data).get("error") if data else None
-        if error is not None and error.get("err_code") in _WRONG_LAST:
-            raise WrongLast()
-        raise StoreUnavailable(f"JetStream: {error or data!r}")
+async def _put(replies: Replies, subject: str, value: bytes, last: int | None) -> int:
+    """Store ``value``; with ``last``, only if the subject's last revision is ``last``."""
+    headers = None if last is None else {_EXPECTED_LAST: str(last)}
+    try:
+        msg = await replies.request(subject, value, headers, TIMEOUT)
+    except nats.errors.NoRespondersError:
+        raise StoreUnavailable("no JetStream stream answers (the bucket is gone?)") from None
+    data = msg.data
+    # A PubAck is {"stream":"KV_b","seq":N[,...]}: read N without a JSON parse.
+    at = data.find(b'"seq":')
+    if at >= 0 and b'"error"' not in data:
+        end = at + 6
+        while end < len(data) and data[end] in _DIGITS:
+            end += 1
+        return int(data[at + 6 : end])
+    error = json.loads(data).get("error") if data else None
+    if error is not None and error.get("err_code") in _WRONG_LAST:
+        raise WrongLast()
+    raise StoreUnavailable(f"JetStream: {error or data!r}")
 
 
 _DIGITS = frozenset(b"0123456789")
@@ -161,7 +103,7 @@ class KVStore:
     ) -> None:
         self._js = js
         self._nc = nc or (lambda: js()._nc)
-        self._writes: _Writes | None = None
+        self._writes: Replies | None = None
         self.bucket = bucket
         self._holder = holder
         self._ttl = ttl
@@ -199,9 +141,7 @@ class KVStore:
                 except nats.js.errors.BadRequestError:
                     # Another host created it meanwhile.
                     self._kv = await js.key_value(self.bucket)
-            if self._writes is None:
-                self._writes = _Writes(self._nc())
-            await self._writes.start()
+            self._writes = replies_for(self._nc())
         except nats.errors.Error as exc:
             raise StoreUnavailable(f"KV bucket {self.bucket}: {_why(exc)}") from exc
 
@@ -210,7 +150,7 @@ class KVStore:
         subject = self._prefix + key
         try:
             try:
-                return new(await writes.put(subject, b"L%.3f" % (time.time() + lease_ttl), 0))
+                return new(await _put(writes, subject, b"L%.3f" % (time.time() + lease_ttl), 0))
             except WrongLast:
                 pass
             kv = self._bucket()
@@ -226,7 +166,8 @@ class KVStore:
                 if expires > now:
                     return DONE if value[:1] == b"D" else leased(expires)
                 try:
-                    return new(await writes.put(subject, b"L%.3f" % (now + lease_ttl), revision))
+                    lease = b"L%.3f" % (now + lease_ttl)
+                    return new(await _put(writes, subject, lease, revision))
                 except WrongLast:
                     continue
             raise StoreUnavailable(f"key {key} changed {_RACE_ROUNDS} times while we read it")
@@ -239,16 +180,16 @@ class KVStore:
         value = b"D%.3f" % (time.time() + ttl)
         try:
             try:
-                await writes.put(subject, value, int(token))
+                await _put(writes, subject, value, int(token))
             except WrongLast:
                 log.info("idempotency key %s: our lease was taken over; recording anyway", key)
-                await writes.put(subject, value, None)
+                await _put(writes, subject, value, None)
         except nats.errors.Error as exc:
             raise StoreUnavailable(_why(exc)) from exc
 
     async def release(self, key: str, token: Token) -> None:
         try:
-            await self._open().put(self._prefix + key, b"L0", int(token))
+            await _put(self._open(), self._prefix + key, b"L0", int(token))
         except WrongLast:
             pass  # no longer ours: nothing to release
         except nats.errors.Error as exc:
@@ -259,11 +200,9 @@ class KVStore:
 
     async def close(self) -> None:
         self._kv = None
-        writes, self._writes = self._writes, None
-        if writes is not None:
-            await writes.close()
+        self._writes = None
 
-    def _open(self) -> _Writes:
+    def _open(self) -> Replies:
         if self._writes is None:
             raise StoreUnavailable(f"KV bucket {self.bucket} is not open")
         return self._writes

@@ -1,0 +1,133 @@
+"""Many JetStream publishes in flight on one connection, at a few microseconds each.
+
+``js.publish`` is a ``nc.request``: a future, an ``asyncio.wait_for`` timer and a
+JSON parse into a dataclass per message, which costs a Python host about as much
+as running a small handler. :class:`Replies` sends each request as a plain publish
+whose reply subject is ``<inbox>.<token>`` under one wildcard subscription; the
+answer resolves the request's future, and one sweeper task (alive only while
+requests are waiting) fails those left unanswered past their deadline. The caller
+still awaits its own answer: nothing is reported stored before the server says so.
+
+Used by :meth:`fnhost_sdk.session.Session.publish_durable` (``ctx.publish`` to a
+stream, outputs, dead letters) and by the host's ``kv`` idempotency store, which
+share one :class:`Replies` per connection (:func:`replies_for`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
+
+import nats.errors
+import nats.js.errors
+from nats.js.api import PubAck
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+SWEEP_EVERY = 0.1
+"""Seconds between looks for requests past their deadline (how late a timeout may fire)."""
+
+
+class Replies:
+    """Requests over ``nc`` whose answers come back on one subscription."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox() + "."
+        self._cut = len(self._prefix)
+        self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        self._tokens = itertools.count()
+        self._sub: Subscription | None = None
+        self._subscribing = asyncio.Lock()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def request(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> Msg:
+        """Publish and return the answer.
+
+        Raises ``nats.errors.NoRespondersError`` when nothing subscribes to
+        ``subject`` (for JetStream: no stream captures it), ``nats.errors.TimeoutError``
+        when no answer comes within ``timeout`` seconds.
+        """
+        if self._sub is None:
+            await self._subscribe()
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = (waiter, loop.time() + timeout)
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            msg = await waiter
+        finally:
+            self._pending.pop(token, None)
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg
+
+    async def _subscribe(self) -> None:
+        async with self._subscribing:
+            if self._sub is None:
+                self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._answer)
+
+    async def _answer(self, msg: Msg) -> None:
+        pending = self._pending.pop(msg.subject[self._cut :], None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(msg)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                await asyncio.sleep(SWEEP_EVERY)
+                closed = self._nc.is_closed
+                now = loop.time()
+                late = [token for token, (_, due) in self._pending.items() if closed or due <= now]
+                for token in late:
+                    waiter, _ = self._pending.pop(token)
+                    if not waiter.done():
+                        waiter.set_exception(
+                            nats.errors.ConnectionClosedError()
+                            if closed
+                            else nats.errors.TimeoutError()
+                        )
+        finally:
+            self._sweeper = None
+
+
+_replies: WeakKeyDictionary[NatsClient, Replies] = WeakKeyDictionary()
+
+
+def replies_for(nc: NatsClient) -> Replies:
+    """The :class:`Replies` of connection ``nc`` (one per connection, made on first use)."""
+    replies = _replies.get(nc)
+    if replies is None:
+        replies = _replies[nc] = Replies(nc)
+    return replies
+
+
+async def publish_to_stream(
+    nc: NatsClient,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str] | None = None,
+    *,
+    timeout: float = 5.0,
+) -> PubAck:
+    """What ``js.publish`` does, raising the same errors, pipelined through :func:`replies_for`."""
+    try:
+        msg = await replies_for(nc).request(subject, payload, headers, timeout)
+    except nats.errors.NoRespondersError:
+        raise nats.js.errors.NoStreamResponseError from None
+    answer = json.loads(msg.data)
+    if "error" in answer:
+        nats.js.errors.APIError.from_error(answer["error"])  # raises the specific error
+    return PubAck.from_response(answer)
