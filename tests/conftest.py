@@ -13,6 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 
 from fnhost.host import Host
 from fnhost.manifest import parse_manifest
@@ -72,3 +73,9 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
     client = await nats.connect(nats_server.url)
     yield client
     await client.close()
+
+
+@pytest.fixture
+def js(nc: NatsClient) -> JetStreamContext:
+    """The JetStream context of ``nc``."""
+    return nc.jetstream()

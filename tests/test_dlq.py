@@ -15,7 +15,6 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import nats.js.errors
 import pytest
@@ -27,6 +26,7 @@ from fnhost import dlq, provision
 from fnhost.host import Host
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
+from support import module_of
 
 STREAMS = """\
 version: 1
@@ -91,17 +91,6 @@ POISON = b"poison \xff\x00 not utf-8"
 
 def dead_lettered(host: Host, name: str = "work") -> float:
     return host.metrics.value("fnhost_dead_lettered_total", function=name)
-
-
-def module_of(host: Host, name: str = "work") -> Any:
-    runtime = host.functions[name].runtime
-    assert runtime is not None, host.functions[name].error
-    return runtime.loaded.module
-
-
-@pytest.fixture
-def js(nc: NatsClient) -> JetStreamContext:
-    return nc.jetstream()
 
 
 async def dead_letters(js: JetStreamContext, stream: str = "DLQ") -> list[RawStreamMsg]:

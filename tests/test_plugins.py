@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from fnhost.host import Host
 from fnhost_sdk.testing import wait_for
 from plugins_for_tests import record
+from support import module_of
 
 pytestmark = pytest.mark.nats
 
@@ -66,12 +67,6 @@ def manifest(functions: str, plugins: list[str], streams: str = "") -> str:
         + "functions:\n"
         + functions
     )
-
-
-def module_of(host: Host, function: str) -> Any:
-    runtime = host.functions[function].runtime
-    assert runtime is not None, host.functions[function].error
-    return runtime.loaded.module
 
 
 def events_of(function: str) -> list[tuple[str, str, Any]]:

@@ -7,14 +7,13 @@ server was asked for, not wall-clock measurements.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from fnhost.triggers.stream import delivery_of
 from fnhost_sdk.testing import wait_for
+from support import module_of
 
 pytestmark = pytest.mark.nats
 
@@ -75,12 +74,6 @@ async def wire(nc: NatsClient) -> Wire:
 
 def nak(ms: int) -> str:
     return f'-NAK {{"delay": {ms * 1_000_000}}}'
-
-
-def module_of(host: Any) -> Any:
-    runtime = host.functions["work"].runtime
-    assert runtime is not None, host.functions["work"].error
-    return runtime.loaded.module
 
 
 async def test_failures_follow_the_backoff_and_stop_at_max_deliver(

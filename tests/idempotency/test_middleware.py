@@ -22,6 +22,7 @@ from fnhost.http import readiness
 from fnhost.plugins import hookimpl
 from fnhost.types import CallNext, Invocation, Middleware, Nak, Outcome
 from fnhost_sdk.testing import wait_for
+from support import module_of
 from support.databases import RedisServer
 
 pytestmark = pytest.mark.nats
@@ -59,9 +60,7 @@ def manifest(idempotency: str, concurrency: int = 4) -> str:
 
 
 def runs(host: Host) -> list[int]:
-    runtime = host.functions["work"].runtime
-    assert runtime is not None, host.functions["work"].error
-    return list(runtime.loaded.module.runs)
+    return list(module_of(host).runs)
 
 
 async def settled(nc: NatsClient) -> bool:

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from fnhost.plugins import hookimpl
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
+from support import module_of
 
 from ._support import HostFactory, HttpResult, http
 
@@ -97,9 +98,7 @@ def manifest(gateway: str = "") -> str:
 
 
 def release(host: Host) -> None:
-    runtime = host.functions["hold"].runtime
-    assert runtime is not None
-    runtime.loaded.module.release.set()
+    module_of(host, "hold").release.set()
 
 
 async def get(host: Host, path: str) -> HttpResult:

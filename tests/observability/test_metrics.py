@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 import fnhost.metrics
 from fnhost.host import Host
 from fnhost_sdk.testing import wait_for
+from support import module_of
 
 from ._support import HostFactory
 
@@ -179,9 +180,7 @@ async def test_consumer_pending_is_refreshed_from_consumer_info(
     # Concurrency 1: one message is being handled, five wait on the server.
     await wait_for(lambda: pending() == 5, message="pending 5")
     assert host.metrics.value("fnhost_inflight", function="slow") == 1
-    runtime = host.functions["slow"].runtime
-    assert runtime is not None
-    runtime.loaded.module.release.set()
+    module_of(host, "slow").release.set()
     await wait_for(lambda: pending() == 0, message="pending back to 0")
     await wait_for(lambda: host.metrics.counts("slow")["ack"] == 6)
 

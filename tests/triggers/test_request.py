@@ -23,6 +23,7 @@ from fnhost.host import Host
 from fnhost_sdk import Client, ServiceError
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
+from support import module_of
 
 pytestmark = pytest.mark.nats
 
@@ -52,13 +53,6 @@ CODE = "Nats-Service-Error-Code"
 def manifest(functions: str) -> str:
     """A manifest with no streams and no HTTP; ``functions`` is the indented body."""
     return "version: 1\nhttp: false\nfunctions:\n" + functions
-
-
-def module_of(host: Host, function: str) -> Any:
-    """The module object the host loaded for ``function`` (its globals are the handler's)."""
-    runtime = host.functions[function].runtime
-    assert runtime is not None, host.functions[function].error
-    return runtime.loaded.module
 
 
 def subscriptions(server: NatsServer, subject: str) -> list[dict[str, Any]]:

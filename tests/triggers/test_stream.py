@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
 
 import nats.js.errors
 import pytest
@@ -23,6 +22,7 @@ from nats.js.api import ConsumerInfo
 from fnhost.host import Host
 from fnhost.triggers.stream import StreamTrigger
 from fnhost_sdk.testing import wait_for
+from support import module_of
 
 pytestmark = pytest.mark.nats
 
@@ -45,17 +45,6 @@ def manifest(trigger: str = "", name: str = "work", **settings: str) -> str:
     for key, value in settings.items():
         text += f"    {key}: {value}\n"
     return text
-
-
-def module_of(host: Host, function: str = "work") -> Any:
-    runtime = host.functions[function].runtime
-    assert runtime is not None, host.functions[function].error
-    return runtime.loaded.module
-
-
-@pytest.fixture
-def js(nc: NatsClient) -> JetStreamContext:
-    return nc.jetstream()
 
 
 class AckLog:

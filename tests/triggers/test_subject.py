@@ -12,6 +12,7 @@ from nats.aio.client import Client as NatsClient
 from fnhost.host import Host
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
+from support import module_of
 
 pytestmark = pytest.mark.nats
 
@@ -57,9 +58,8 @@ def run_host(host_factory):
 
 
 def seen(host: Host) -> list[int]:
-    runtime = host.functions["notify"].runtime
-    assert runtime is not None, host.functions["notify"].error
-    return runtime.loaded.module.SEEN  # type: ignore[no-any-return]
+    seen: list[int] = module_of(host, "notify").SEEN
+    return seen
 
 
 def subscriptions(server: NatsServer, subject: str) -> list[dict[str, Any]]:
