@@ -6,13 +6,14 @@ serves; ``fn.yaml`` and ``faststream_app.py`` spell the same names.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.util
 import json
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -46,6 +47,23 @@ T = TypeVar("T")
 def default_loop() -> str:
     """uvloop when importable (uvicorn's ``loop="auto"``), else asyncio."""
     return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+
+
+def comma_choice(
+    parser: argparse.ArgumentParser, option: str, text: str, allowed: Sequence[str]
+) -> list[str]:
+    """The names in the comma list ``text`` of ``option``, in ``allowed``'s order;
+    a parser error for an empty list or an unknown name."""
+    chosen = {name.strip() for name in text.split(",") if name.strip()}
+    if not chosen or chosen - set(allowed):
+        parser.error(f"{option} takes a comma list of {', '.join(allowed)}")
+    return [name for name in allowed if name in chosen]
+
+
+def check_loop(parser: argparse.ArgumentParser, loop: str) -> None:
+    """A parser error when ``--loop uvloop`` is asked for without uvloop installed."""
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        parser.error("--loop uvloop: uvloop is not installed")
 
 
 def run(main: Coroutine[Any, Any, T], loop: str) -> T:

@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -51,7 +50,16 @@ from typing import Any
 
 import nats
 
-from harness import BENCH_DIR, LOOPS, REPO_DIR, NatsServer, Process, default_loop
+from harness import (
+    BENCH_DIR,
+    LOOPS,
+    REPO_DIR,
+    NatsServer,
+    Process,
+    check_loop,
+    comma_choice,
+    default_loop,
+)
 from run import (
     LOG_DIR,
     RESULTS_DIR,
@@ -286,11 +294,8 @@ def parse_args() -> argparse.Namespace:
     if args.command == "serve":
         return args
     args.loop = args.driver_loop
-    args.variants = [v for v in VARIANTS if v in {s.strip() for s in args.variants.split(",")}]
-    if not args.variants:
-        parser.error(f"--variants takes a comma list of {', '.join(VARIANTS)}")
-    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        parser.error("--loop uvloop: uvloop is not installed")
+    args.variants = comma_choice(parser, "--variants", args.variants, VARIANTS)
+    check_loop(parser, args.loop)
     if min(args.rounds, args.requests, args.messages) < 1:
         parser.error("--rounds, --requests and --messages must be at least 1")
     return args

@@ -57,6 +57,8 @@ from harness import (
     NatsServer,
     Process,
     ProcessFailed,
+    check_loop,
+    comma_choice,
     default_loop,
 )
 
@@ -376,12 +378,8 @@ def parse_args() -> argparse.Namespace:
         help="event loop of every process (default: uvloop when importable)",
     )
     args = parser.parse_args()
-    chosen = {name.strip() for name in args.only.split(",") if name.strip()}
-    if not chosen or chosen - set(IMPLEMENTATIONS):
-        parser.error(f"--only takes a comma list of {', '.join(IMPLEMENTATIONS)}")
-    args.impls = [impl for impl in IMPLEMENTATIONS if impl in chosen]
-    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        parser.error("--loop uvloop: uvloop is not installed")
+    args.impls = comma_choice(parser, "--only", args.only, IMPLEMENTATIONS)
+    check_loop(parser, args.loop)
     if min(args.rounds, args.requests, args.messages) < 1:
         parser.error("--rounds, --requests and --messages must be at least 1")
     return args

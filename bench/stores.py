@@ -60,7 +60,17 @@ from typing import Any
 import nats
 import nats.errors
 
-from harness import BENCH_DIR, LOOPS, REPO_DIR, NatsServer, Process, ProcessFailed, default_loop
+from harness import (
+    BENCH_DIR,
+    LOOPS,
+    REPO_DIR,
+    NatsServer,
+    Process,
+    ProcessFailed,
+    check_loop,
+    comma_choice,
+    default_loop,
+)
 from run import LOG_DIR, RESULTS_DIR, host_env, measure_consume, package_version, reset_stream
 
 STORES = ("none", "round-trip", "memory", "kv", "redis", "postgres")
@@ -264,10 +274,8 @@ def parse_args() -> argparse.Namespace:
         help="nats-server fsync: on every write (as production, default) or its 2-minute default",
     )
     args = parser.parse_args()
-    chosen = {name.strip() for name in args.only.split(",") if name.strip()}
-    if not chosen or chosen - set(STORES):
-        parser.error(f"--only takes a comma list of {', '.join(STORES)}")
-    args.stores = [store for store in STORES if store in chosen]
+    args.stores = comma_choice(parser, "--only", args.only, STORES)
+    check_loop(parser, args.loop)
     if min(args.rounds, args.messages) < 1:
         parser.error("--rounds and --messages must be at least 1")
     return args
