@@ -11,6 +11,7 @@ from nats.aio.client import Client as NatsClient
 
 import fnhost.registry
 from conftest import HostFactory
+from fnhost.host import Host
 from fnhost_sdk.artifact import Artifact, sign_spec
 from fnhost_sdk.deploy import publish
 from fnhost_sdk.testing import wait_for
@@ -85,12 +86,27 @@ async def test_deploy_then_update_swaps_the_version(
     assert (await greet(nc))["version"] == "v2"
 
 
-async def _deploy_v1(nc: NatsClient, key: SigningKey, tmp_path: Path) -> int:
+async def _serving_v1(
+    host_factory: HostFactory,
+    nc: NatsClient,
+    key: SigningKey,
+    tmp_path: Path,
+    **manifest: str,
+) -> Host:
+    """A registry host trusting ``key``, serving v1 of ``greet``."""
+    host = await host_factory(registry_manifest([key.public], **manifest))
     revision = await publish(
         nc, name="greet", artifact=artifact(tmp_path, "v1"), settings=SETTINGS, seed=key.seed
     )
     await wait_state(nc, revision, "running")
-    return revision
+    return host
+
+
+def _signed(built: Any, key: SigningKey) -> dict[str, Any]:
+    """The envelope ``key`` signs for ``built`` as ``greet``, its artifact at ``greet/x``."""
+    return sign_spec(
+        name="greet", function=SETTINGS, artifact=built, object_name="greet/x", seed=key.seed
+    )
 
 
 async def _put(nc: NatsClient, envelope: dict[str, Any]) -> int:
@@ -116,13 +132,10 @@ async def test_unsigned_is_refused(
     tmp_path: Path,
     unpickles: list[int],
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path)
     before = len(unpickles)
     bad = artifact(tmp_path, "v2")
-    envelope = sign_spec(
-        name="greet", function=SETTINGS, artifact=bad, object_name="greet/x", seed=signing_key.seed
-    )
+    envelope = _signed(bad, signing_key)
     await _upload(nc, "greet/x", bad.data)
     del envelope["signature"]
     await _refused(nc, await _put(nc, envelope), "unsigned")
@@ -137,8 +150,7 @@ async def test_untrusted_key_is_refused(
     tmp_path: Path,
     unpickles: list[int],
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path)
     before = len(unpickles)
     revision = await publish(
         nc, name="greet", artifact=artifact(tmp_path, "v2"), settings=SETTINGS, seed=other_key.seed
@@ -154,13 +166,10 @@ async def test_a_forged_signature_is_refused(
     tmp_path: Path,
     unpickles: list[int],
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path)
     before = len(unpickles)
     bad = artifact(tmp_path, "v2")
-    envelope = sign_spec(
-        name="greet", function=SETTINGS, artifact=bad, object_name="greet/x", seed=signing_key.seed
-    )
+    envelope = _signed(bad, signing_key)
     await _upload(nc, "greet/x", bad.data)
     envelope["spec"]["function"] = {"trigger": {"request": "greet"}, "concurrency": 1}
     await _refused(nc, await _put(nc, envelope), "bad-signature")
@@ -174,13 +183,10 @@ async def test_tampered_artifact_is_refused(
     tmp_path: Path,
     unpickles: list[int],
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path)
     before = len(unpickles)
     good, evil = artifact(tmp_path, "v2"), artifact(tmp_path, "evil")
-    envelope = sign_spec(
-        name="greet", function=SETTINGS, artifact=good, object_name="greet/x", seed=signing_key.seed
-    )
+    envelope = _signed(good, signing_key)
     await _upload(nc, "greet/x", evil.data)  # the object was replaced after signing
     await _refused(nc, await _put(nc, envelope), "digest")
     assert len(unpickles) == before
@@ -203,17 +209,10 @@ async def test_python_version_mismatch_is_refused(
     tmp_path: Path,
     unpickles: list[int],
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path)
     before = len(unpickles)
     other = _OtherPython(artifact(tmp_path, "v2"), "2.7")
-    envelope = sign_spec(
-        name="greet",
-        function=SETTINGS,
-        artifact=other,  # type: ignore[arg-type]
-        object_name="greet/x",
-        seed=signing_key.seed,
-    )
+    envelope = _signed(other, signing_key)
     await _upload(nc, "greet/x", other.data)
     await _refused(nc, await _put(nc, envelope), "python")
     assert len(unpickles) == before
@@ -226,8 +225,7 @@ async def test_oversize_artifact_is_refused(
     tmp_path: Path,
     unpickles: list[int],
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public], max_size="6KiB"))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path, max_size="6KiB")
     before = len(unpickles)
     padding = "PADDING = " + repr("x" * 8000)
     revision = await publish(
@@ -244,8 +242,7 @@ async def test_oversize_artifact_is_refused(
 async def test_validation_failure_on_the_host_is_refused(
     host_factory: HostFactory, nc: NatsClient, signing_key: SigningKey, tmp_path: Path
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path)
     revision = await publish(
         nc,
         name="greet",
@@ -262,8 +259,7 @@ async def test_validation_failure_on_the_host_is_refused(
 async def test_invalid_settings_are_refused(
     host_factory: HostFactory, nc: NatsClient, signing_key: SigningKey, tmp_path: Path
 ) -> None:
-    await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    await _serving_v1(host_factory, nc, signing_key, tmp_path)
     revision = await publish(
         nc,
         name="greet",
@@ -277,8 +273,7 @@ async def test_invalid_settings_are_refused(
 async def test_a_deleted_key_stops_the_function(
     host_factory: HostFactory, nc: NatsClient, signing_key: SigningKey, tmp_path: Path
 ) -> None:
-    host = await host_factory(registry_manifest([signing_key.public]))
-    await _deploy_v1(nc, signing_key, tmp_path)
+    host = await _serving_v1(host_factory, nc, signing_key, tmp_path)
     kv = await nc.jetstream().key_value("fnhost_functions")
     await kv.delete("greet")
 
