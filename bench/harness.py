@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,17 @@ class Process:
         """Wait for the process to exit; return its exit code."""
         assert self._proc is not None, "start() first"
         return await self._proc.wait()
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time the process has used so far; None without Linux's /proc."""
+        assert self._proc is not None, "start() first"
+        try:
+            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        # Fields 14 and 15 (utime, stime), counted after the ")" that ends the command name.
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def last_lines(self, count: int) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()[-count:]

@@ -171,7 +171,7 @@ async def trial(
     proc = Process(f"host-{variant}", [*argv, "--loop", args.loop], log, host_env())
     await proc.start()
     try:
-        consumed, redelivered = await measure_consume(nc.jetstream(), proc, args.messages)
+        consumed, redelivered, _ = await measure_consume(nc.jetstream(), proc, args.messages)
         await wait_replying(nc, proc)
         replies = await measure_requests(url, args, proc, round_no)
     finally:

@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 from nats.aio.client import Client
@@ -194,17 +194,32 @@ async def reset_stream(js: JetStreamContext, messages: int) -> None:
         raise RuntimeError(f"stream {STREAM} holds {stored} messages, published {messages}")
 
 
-async def measure_consume(js: JetStreamContext, proc: Process, messages: int) -> tuple[float, int]:
-    """Messages acked per second, and redeliveries, of the durable consumer ``proc`` creates.
+class Consumed(NamedTuple):
+    """What :func:`measure_consume` saw."""
+
+    rate: float
+    """Messages acked per second."""
+    redelivered: int
+    cpu_us_per_message: float | None
+    """CPU time of the process per message acked while measured (None without /proc)."""
+
+
+async def measure_consume(js: JetStreamContext, proc: Process, messages: int) -> Consumed:
+    """Messages acked per second, redeliveries and CPU per message of the durable consumer
+    ``proc`` creates.
 
     Both ends of the window are server timestamps: the consumer's creation and
     its last ack. So the driver's polling adds no error, and the window is the
     same for all: from the moment an implementation has its consumer to the
     moment its last message is acked.
+
+    CPU is counted from the first look at the consumer, per message acked since
+    then, so the process's start-up is left out.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STARTUP_TIMEOUT
     floor, progressed = -1, loop.time()
+    cpu_from: tuple[float, int] | None = None
     while True:
         proc.check_alive()
         try:
@@ -224,12 +239,20 @@ async def measure_consume(js: JetStreamContext, proc: Process, messages: int) ->
                 f"deliver_policy {info.config.deliver_policy}; the workload needs explicit, all"
             )
         assert info.ack_floor is not None
+        if cpu_from is None:
+            cpu_at_start = proc.cpu_seconds()
+            if cpu_at_start is not None:
+                cpu_from = (cpu_at_start, info.ack_floor.stream_seq)
         # A fresh stream numbers its messages 1..messages: a floor at the last
         # one means every message is acked.
         if info.ack_floor.stream_seq >= messages:
             assert info.ack_floor.last_active is not None
             seconds = (info.ack_floor.last_active - info.created).total_seconds()
-            return messages / seconds, info.num_redelivered or 0
+            cpu_at_end = proc.cpu_seconds()
+            cpu_per_message = None
+            if cpu_from is not None and cpu_at_end is not None and messages > cpu_from[1]:
+                cpu_per_message = (cpu_at_end - cpu_from[0]) * 1e6 / (messages - cpu_from[1])
+            return Consumed(messages / seconds, info.num_redelivered or 0, cpu_per_message)
         if info.ack_floor.stream_seq != floor:
             floor, progressed = info.ack_floor.stream_seq, loop.time()
         elif loop.time() - progressed > STALL_TIMEOUT:
@@ -287,7 +310,7 @@ async def trial(
     proc = Process(impl, argv, LOG_DIR / f"{impl}-round{round_no}.log", env)
     await proc.start()
     try:
-        consumed, redelivered = await measure_consume(nc.jetstream(), proc, args.messages)
+        consumed, redelivered, _ = await measure_consume(nc.jetstream(), proc, args.messages)
         await wait_replying(nc, proc)
         replies = await measure_requests(url, args, proc, round_no)
     finally:

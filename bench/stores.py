@@ -18,25 +18,30 @@ the host with a fresh bucket / key prefix / table (so every key is new: the
 cost of a first delivery, the common case), and time from the consumer's
 creation to its last ack, both server timestamps (``run.measure_consume``).
 
-Prints, per store: the median of the rounds, min, max, the ratio to ``none``
-and the per-message cost of the store, ``1e6/rate - 1e6/rate(none)`` µs: the
-extra wall time per message, which on this machine is the host process's
-extra CPU per message (the host is the bottleneck, the store servers run on
-the other core). ``--sync default`` runs nats-server with its default fsync
-interval instead of ``sync_interval: always``, which separates the host's own
-cost per message from the server's fsync per KV write. Writes
-bench/results/stores-sync-<always|default>.json.
+Prints, per store: the median of the rounds, min, max, the ratio to ``none``,
+the per-message cost of the store in wall time, ``1e6/rate - 1e6/rate(none)``
+µs, and the host process's CPU time per message (from ``/proc``, counted from
+the driver's first look at the consumer, per message acked since) with the
+store's share of it (the difference to ``none``). ``--sync default`` runs
+nats-server with its default fsync interval instead of ``sync_interval:
+always``, which separates the host's own cost per message from the server's
+fsync per KV write. Writes bench/results/stores-sync-<always|default>.json.
 
 ``round-trip`` is not a store but the floor under every store that talks to
 a server: no ``idempotency:``, and the handler's return value goes to
-``output:`` (a second stream), so the host awaits exactly one JetStream PubAck
-per message before the ack, and nothing else. A store needing one round trip
-before the handler or before the ack cannot cost less than this row.
+``output:`` (a second stream, deleted before each trial so that its duplicate
+window does not drop the outputs of the trial before), so the host awaits
+exactly one JetStream PubAck per message before the ack, and nothing else. A
+store needing one round trip before the handler or before the ack cannot cost
+less than this row.
 
 Before the trials it measures the *kv ceiling*: compare-and-set writes per
-second into a KV bucket from one plain nats-py client with 64 in flight and no
-host, the bound of a store that makes two such writes (lease, record) per
-message.
+second into a KV bucket from this process, written as the kv store writes them
+(``fnhost_sdk.replies``) with 64 in flight and no host, and its CPU per
+write: the bound of a store that makes two such writes (lease, record) per
+message. And the *loopback ping-pong*: 200 bytes to an echo process and back,
+one at a time, no NATS: what waking another process and being woken costs on
+this machine.
 """
 
 from __future__ import annotations
@@ -51,15 +56,20 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 import nats.errors
+import nats.js.errors
 
+from fnhost_sdk.replies import replies_for
 from harness import (
     BENCH_DIR,
     LOOPS,
@@ -71,19 +81,36 @@ from harness import (
     comma_choice,
     default_loop,
 )
-from run import LOG_DIR, RESULTS_DIR, host_env, measure_consume, package_version, reset_stream
+from run import (
+    LOG_DIR,
+    RESULTS_DIR,
+    Consumed,
+    host_env,
+    measure_consume,
+    package_version,
+    reset_stream,
+)
 
 STORES = ("none", "round-trip", "memory", "kv", "redis", "postgres")
 ROUND_TRIP = "round-trip"
+OUTPUT_STREAM = "BENCHOUT"
 CEILING_WRITES = 8_000
 CEILING_INFLIGHT = 64
+PING_PONGS = 20_000
+ECHO = """\
+import socket, sys
+peer = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := peer.recv(65536):
+    peer.sendall(data)
+"""
 
 MANIFEST = """\
 version: 1
 http: false
 streams:
   BENCH: {{subjects: ["bench.events.>"], storage: file}}
-  BENCHOUT: {{subjects: ["bench.out.>"], storage: file}}
+  {output_stream}: {{subjects: ["bench.out.>"], storage: file}}
 functions:
   bench-consume:
     module: {module}
@@ -109,15 +136,26 @@ def manifest_for(store: str, trial: str, urls: dict[str, str]) -> str:
         if store in urls:
             settings += f", url: '{urls[store]}'"
         extra = f"    idempotency: {{{settings}}}\n"
-    return MANIFEST.format(module=BENCH_DIR / "functions.py", handler=handler, extra=extra)
+    return MANIFEST.format(
+        module=BENCH_DIR / "functions.py",
+        handler=handler,
+        extra=extra,
+        output_stream=OUTPUT_STREAM,
+    )
 
 
 async def trial(
     store: str, round_no: int, url: str, urls: dict[str, str], workdir: Path, args: Any
-) -> tuple[float, int]:
+) -> Consumed:
     nc = await nats.connect(url, name="bench-stores-driver")
     try:
-        await reset_stream(nc.jetstream(), args.messages)
+        js = nc.jetstream()
+        await reset_stream(js, args.messages)
+        # The outputs' message ids repeat every trial (they derive from the input's
+        # stream and sequence): a stream left from the last trial would drop them
+        # all as duplicates in its duplicate window instead of storing them.
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(OUTPUT_STREAM)
         name = f"b_{store}_{round_no}"
         manifest = workdir / f"{name}.yaml"
         manifest.write_text(manifest_for(store, name, urls))
@@ -134,7 +172,7 @@ async def trial(
                 # Both ends of the window are server timestamps, so asking again after a
                 # slow consumer-info answer (a busy server) measures the same window.
                 with contextlib.suppress(nats.errors.TimeoutError):
-                    return await measure_consume(nc.jetstream(), proc, args.messages)
+                    return await measure_consume(js, proc, args.messages)
             raise ProcessFailed("consumer info timed out 5 times" + proc.tail())
         finally:
             await proc.stop()
@@ -142,36 +180,82 @@ async def trial(
         await nc.close()
 
 
-async def kv_ceiling(url: str) -> float:
-    """CAS writes/s into a fresh KV bucket from one nats-py client, 64 in flight, no host.
+class PingPong(NamedTuple):
+    """What :func:`loopback_ping_pong` measured, per round trip."""
 
-    What the kv store's two writes per message (lease, record) are up against:
-    with ``sync_interval: always`` the server's fsync per write, otherwise the
-    client's own Python cost per publish.
+    wall_us: float
+    cpu_us: float
+
+
+def loopback_ping_pong() -> PingPong:
+    """200 bytes to an echo process and back over loopback TCP, one at a time.
+
+    No NATS at all: what waking another process and being woken by it costs
+    on this machine, the floor under every server round trip a host waits for.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        echo = subprocess.Popen([sys.executable, "-c", ECHO, str(port)])
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                payload = b"x" * 200
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(PING_PONGS):
+                    conn.sendall(payload)
+                    received = 0
+                    while received < len(payload):
+                        received += len(conn.recv(65536))
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        finally:
+            echo.wait(timeout=10)
+    return PingPong(wall * 1e6 / PING_PONGS, cpu * 1e6 / PING_PONGS)
+
+
+class Ceiling(NamedTuple):
+    """What :func:`kv_ceiling` measured."""
+
+    writes_per_s: float
+    cpu_us_per_write: float
+    """The writing process's CPU time per write."""
+
+
+async def kv_ceiling(url: str) -> Ceiling:
+    """CAS writes into a fresh KV bucket from this process, 64 in flight, no host.
+
+    Written the way the kv store writes (:class:`fnhost_sdk.replies.Replies`),
+    so it shows what the store's two writes per message (lease, record) are up
+    against: with ``sync_interval: always`` the server's fsync per write,
+    otherwise the client's own Python cost per write, whose CPU time is
+    measured too (this process does nothing else meanwhile).
     """
     nc = await nats.connect(url, name="bench-stores-ceiling")
     try:
         js = nc.jetstream()
         await js.create_key_value(bucket="ceiling", history=1)
+        replies = replies_for(nc)
         keys = iter(range(CEILING_WRITES))
         loop = asyncio.get_running_loop()
 
         async def writer() -> None:
             for key in keys:
                 headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
-                await js.publish(f"$KV.ceiling.k{key}", b"L1", headers=headers)
+                answer = await replies.request(f"$KV.ceiling.k{key}", b"L1", headers, 5.0)
+                if b'"error"' in answer.data:
+                    raise ProcessFailed(f"kv ceiling write refused: {answer.data!r}")
 
-        started = loop.time()
+        started, cpu_started = loop.time(), time.process_time()
         await asyncio.gather(*(writer() for _ in range(CEILING_INFLIGHT)))
-        rate = CEILING_WRITES / (loop.time() - started)
+        elapsed, cpu = loop.time() - started, time.process_time() - cpu_started
         await js.delete_key_value("ceiling")
-        return rate
+        return Ceiling(CEILING_WRITES / elapsed, cpu * 1e6 / CEILING_WRITES)
     finally:
         await nc.close()
 
 
-async def bench(args: Any) -> tuple[dict[str, list[float]], dict[str, str], str, float]:
-    rates: dict[str, list[float]] = {}
+async def bench(args: Any) -> tuple[dict[str, list[Consumed]], dict[str, str], str, Ceiling]:
+    trials: dict[str, list[Consumed]] = {}
     skipped: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fnhost-stores-")))
@@ -201,33 +285,53 @@ async def bench(args: Any) -> tuple[dict[str, list[float]], dict[str, str], str,
                 skipped["postgres"] = "PostgreSQL or psycopg is not installed"
         stores = [store for store in args.stores if store not in skipped]
         ceiling = await kv_ceiling(url)
-        print(f"kv ceiling: {ceiling:,.0f} CAS writes/s (one client, no host)")
+        print(
+            f"kv ceiling: {ceiling.writes_per_s:,.0f} CAS writes/s, "
+            f"{ceiling.cpu_us_per_write:.1f} µs CPU per write (one client, no host)"
+        )
         for round_no in range(1, args.rounds + 1):
             for store in stores:
                 print(f"round {round_no}/{args.rounds}  {store:<10}", end="", flush=True)
-                rate, redelivered = await trial(store, round_no, url, urls, workdir, args)
-                extra = f"  ({redelivered} redelivered)" if redelivered else ""
-                print(f"  {rate:>9,.0f} msgs/s{extra}")
-                rates.setdefault(store, []).append(rate)
-    return rates, skipped, server.version, ceiling
+                consumed = await trial(store, round_no, url, urls, workdir, args)
+                extra = f"  ({consumed.redelivered} redelivered)" if consumed.redelivered else ""
+                cpu = consumed.cpu_us_per_message
+                cpu_text = "" if cpu is None else f", host CPU {cpu:.1f} µs/msg"
+                print(f"  {consumed.rate:>9,.0f} msgs/s{cpu_text}{extra}")
+                trials.setdefault(store, []).append(consumed)
+    return trials, skipped, server.version, ceiling
 
 
-def summary(rates: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
-    medians = {store: statistics.median(values) for store, values in rates.items()}
-    base = medians.get("none")
+def summary(trials: dict[str, list[Consumed]]) -> dict[str, dict[str, Any]]:
+    medians = {
+        store: statistics.median(consumed.rate for consumed in values)
+        for store, values in trials.items()
+    }
+    cpu_medians = {store: _median_cpu(values) for store, values in trials.items()}
+    base, cpu_base = medians.get("none"), cpu_medians.get("none")
     rows: dict[str, dict[str, Any]] = {}
-    for store, values in rates.items():
-        median = medians[store]
+    for store, values in trials.items():
+        median, cpu = medians[store], cpu_medians[store]
+        rates = [consumed.rate for consumed in values]
         rows[store] = {
-            "rounds": values,
+            "rounds": rates,
+            "cpu_rounds": [consumed.cpu_us_per_message for consumed in values],
             "median": median,
-            "min": min(values),
-            "max": max(values),
+            "min": min(rates),
+            "max": max(rates),
             "vs_none": median / base if base else None,
             "us_per_message": 1e6 / median,
             "store_us_per_message": (1e6 / median - 1e6 / base) if base else None,
+            "cpu_us_per_message": cpu,
+            "store_cpu_us_per_message": (
+                cpu - cpu_base if cpu is not None and cpu_base is not None else None
+            ),
         }
     return rows
+
+
+def _median_cpu(values: list[Consumed]) -> float | None:
+    measured = [c.cpu_us_per_message for c in values if c.cpu_us_per_message is not None]
+    return statistics.median(measured) if measured else None
 
 
 def print_report(
@@ -240,23 +344,41 @@ def print_report(
         f"median of {meta['rounds']} round(s)\n"
     )
     header = f"{'store':<11}{'msgs/s':>10}{'min':>10}{'max':>10}{'vs none':>9}"
-    print(header + f"{'µs/msg':>9}{'store µs':>10}")
+    print(header + f"{'µs/msg':>9}{'store µs':>10}{'CPU µs':>9}{'store CPU':>11}")
     for store, row in rows.items():
         ratio = "-" if row["vs_none"] is None else f"{row['vs_none']:.2f}x"
-        cost = row["store_us_per_message"]
-        cost_text = "-" if cost is None or store == "none" else f"{cost:,.0f}"
+        extra = "-" if store == "none" else _figure(row["store_us_per_message"], ",.0f")
+        cpu = _figure(row["cpu_us_per_message"], ".1f")
+        cpu_extra = "-" if store == "none" else _figure(row["store_cpu_us_per_message"], ".1f")
         print(
             f"{store:<11}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
-            f"{ratio:>9}{row['us_per_message']:>9,.0f}{cost_text:>10}"
+            f"{ratio:>9}{row['us_per_message']:>9,.0f}{extra:>10}{cpu:>9}{cpu_extra:>11}"
         )
     for store, reason in skipped.items():
         print(f"{store:<11}{'n/a':>10}   {reason}")
     ceiling = meta["kv_ceiling_writes_per_s"]
+    write_cpu = meta["kv_ceiling_cpu_us_per_write"]
     print(
-        f"\nkv ceiling: {ceiling:,.0f} CAS writes/s into a KV bucket (one nats-py client, "
-        f"{CEILING_INFLIGHT} in flight, no host) = {ceiling / 2:,.0f} msgs/s at the kv store's "
-        "2 writes (lease, record) per message"
+        f"\nkv ceiling: {ceiling:,.0f} CAS writes/s into a KV bucket (one client writing as the "
+        f"kv store does, {CEILING_INFLIGHT} in flight, no host) = {ceiling / 2:,.0f} msgs/s at "
+        f"the kv store's 2 writes (lease, record) per message; {write_cpu:.1f} µs of the "
+        "client's CPU per write"
     )
+    print(
+        f"loopback ping-pong (no NATS): {meta['ping_pong_us']:.1f} µs per round trip between two "
+        f"processes, {meta['ping_pong_cpu_us']:.1f} µs of the waiting side's CPU"
+    )
+    none_cpu = rows.get("none", {}).get("cpu_us_per_message")
+    if none_cpu is not None:
+        floor = none_cpu + 2 * write_cpu
+        print(
+            f"a host adding only those 2 writes' client CPU would spend {floor:.1f} µs per "
+            f"message (none {none_cpu:.1f} + 2 x {write_cpu:.1f})"
+        )
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def parse_args() -> argparse.Namespace:
@@ -285,8 +407,13 @@ async def main(args: argparse.Namespace) -> int:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    ping_pong = loopback_ping_pong()
+    print(
+        f"loopback ping-pong: {ping_pong.wall_us:.1f} µs per round trip, "
+        f"{ping_pong.cpu_us:.1f} µs CPU on this side"
+    )
     try:
-        rates, skipped, server_version, ceiling = await bench(args)
+        trials, skipped, server_version, ceiling = await bench(args)
     except ProcessFailed as failure:
         print(f"\nfailed: {failure}")
         return 1
@@ -302,9 +429,12 @@ async def main(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "messages": args.messages,
         "nats_sync": args.sync,
-        "kv_ceiling_writes_per_s": ceiling,
+        "kv_ceiling_writes_per_s": ceiling.writes_per_s,
+        "kv_ceiling_cpu_us_per_write": ceiling.cpu_us_per_write,
+        "ping_pong_us": ping_pong.wall_us,
+        "ping_pong_cpu_us": ping_pong.cpu_us,
     }
-    rows = summary(rates)
+    rows = summary(trials)
     print_report(meta, rows, skipped)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"stores-sync-{args.sync}.json"
