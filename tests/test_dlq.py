@@ -24,6 +24,8 @@ from nats.js.api import ConsumerInfo, RawStreamMsg
 
 from fnhost import dlq, provision
 from fnhost.host import Host
+from fnhost.manifest import Manifest, load_manifest
+from fnhost.reload import apply_manifest
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
 from support import module_of
@@ -321,6 +323,48 @@ async def test_an_advisory_whose_original_is_gone_is_logged_and_acked(
         await wait_for(lambda: _watcher_done(js, 1), message="advisory acked")
     assert "IN/4242 hit max deliveries but is gone" in caplog.text
     assert await dead_letters(js) == []
+
+
+@pytest.mark.nats
+async def test_the_watcher_follows_what_a_reload_adds_changes_and_removes(
+    host_factory, nc: NatsClient, js: JetStreamContext
+) -> None:
+    """A function with a dead letter that a reload adds is watched at once, its changed
+    dead letter is followed, and once removed it is no longer watched (its pull requests
+    stop). A deploy goes through the same host calls."""
+    host = await host_factory(STREAMS + "  {}\n", {"fn.py": HANDLER})
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await watcher(js)
+
+    await apply_manifest(host, _rewrite(host, STREAMS + function()))
+    # in.b: in the stream, not for the function, so only the advisory path touches it.
+    first = await js.publish("in.b", b"lost in a crash")
+    await fake_advisory(nc, "IN", "work", first.seq)
+    copies = await wait_for(lambda: copies_of(js, first.seq), message="copied after the reload")
+    assert [c.subject for c in copies] == ["dlq.work"]
+
+    moved = STREAMS + function().replace("dead_letter: dlq.work", "dead_letter: dlq.moved")
+    await apply_manifest(host, _rewrite(host, moved))
+    second = await js.publish("in.b", b"lost in another crash")
+    await fake_advisory(nc, "IN", "work", second.seq)
+    copies = await wait_for(lambda: copies_of(js, second.seq), message="copied to the new DLQ")
+    assert [c.subject for c in copies] == ["dlq.moved"]
+
+    await apply_manifest(host, _rewrite(host, STREAMS + "  {}\n"))
+    await wait_for(
+        lambda: _no_pull_waiting(js),
+        timeout=dlq.FETCH_WAIT * 3,
+        message="the removed function's advisories no longer pulled",
+    )
+
+
+def _rewrite(host: Host, text: str) -> Manifest:
+    host.manifest.path.write_text(text)
+    return load_manifest(host.manifest.path)
+
+
+async def _no_pull_waiting(js: JetStreamContext) -> bool:
+    return (await watcher(js)).num_waiting == 0
 
 
 @pytest.mark.nats

@@ -31,7 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -185,77 +185,97 @@ def watcher_consumer_config(stream: str, consumer: str) -> ConsumerConfig:
 class _Target:
     """A stream function with a ``dead_letter``: its consumer's advisories are ours."""
 
-    spec: FunctionSpec
+    function: str
     stream: str
     consumer: str
     dead_letter: str
 
 
+def _targets(functions: Iterable[FunctionSpec]) -> dict[tuple[str, str], _Target]:
+    return {
+        (spec.trigger.stream, spec.trigger.durable_name): _Target(
+            spec.name, spec.trigger.stream, spec.trigger.durable_name, spec.dead_letter
+        )
+        for spec in functions
+        if spec.trigger.stream and spec.trigger.durable_name and spec.dead_letter
+    }
+
+
 class AdvisoryWatcher:
-    """Copies messages that hit ``max_deliver`` unsettled to their function's dead letter."""
+    """Copies messages that hit ``max_deliver`` unsettled to their function's dead letter.
+
+    :meth:`sync` says which functions run; the watcher follows them as a reload
+    or a deploy adds, changes and removes functions, one task per watched
+    function consumer. A changed dead letter keeps the task: each advisory is
+    copied to the dead letter its function has when the advisory arrives
+    (restarting the task would strand an advisory on its pull request until
+    the advisory's ack wait).
+    """
 
     def __init__(
         self,
         nc: NatsClient,
-        manifest: Manifest,
         *,
         on_dead_lettered: Callable[[str], None] | None = None,
     ) -> None:
         self._on_dead_lettered = on_dead_lettered
-        self.targets = [
-            _Target(spec, spec.trigger.stream, spec.trigger.durable_name, spec.dead_letter)
-            for spec in manifest.functions.values()
-            if spec.trigger.stream and spec.trigger.durable_name and spec.dead_letter
-        ]
         self._session = Session(nc, publish_deadline=ADVISORY_PUBLISH_DEADLINE)
         self._js = self._session.js
-        dlq_streams = {manifest.stream_for_subject(t.dead_letter) for t in self.targets}
+        self._targets: dict[tuple[str, str], _Target] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def sync(self, manifest: Manifest, functions: Iterable[FunctionSpec]) -> None:
+        """Watch the advisories of exactly ``functions`` (those with a ``dead_letter``).
+
+        A function consumer no longer among them stops being watched; one new
+        to the watcher has the advisory stream and its watcher consumer
+        provisioned first (before its trigger can use up a delivery, when
+        called before the trigger starts). A provisioning failure is logged,
+        not raised: the host still serves, and the new tasks keep trying.
+        """
+        wanted = _targets(functions)
+        gone = [key for key in self._tasks if key not in wanted]
+        await _stop_all([self._tasks.pop(key) for key in gone])
+        new = [target for key, target in wanted.items() if key not in self._tasks]
+        self._targets = wanted
+        if not new:
+            return
         # As durable as the dead letters it protects.
-        self._replicas = max(
+        dlq_streams = {manifest.stream_for_subject(t.dead_letter) for t in wanted.values()}
+        replicas = max(
             (manifest.streams[s].replicas for s in dlq_streams if s in manifest.streams), default=1
         )
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        """Provision the advisory stream and consumers, then watch each in its own task.
-
-        Provisioning happens before the triggers start, so no advisory is
-        published while its stream is missing. A failure is logged, not raised:
-        the host still serves, and each task keeps trying.
-        """
         provisioned = True
-        for target in self.targets:
+        for target in new:
             try:
-                await self._provision(target)
+                await self._provision(target, replicas)
             except nats.errors.Error as exc:
                 log.error("max-deliveries advisories not watched yet (will retry): %s", exc)
                 provisioned = False
                 break
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._watch(t, provisioned), name=f"fnhost-dlq-{t.spec.name}")
-            for t in self.targets
-        ]
+        for target in new:
+            self._tasks[(target.stream, target.consumer)] = loop.create_task(
+                self._watch(target, provisioned, replicas), name=f"fnhost-dlq-{target.function}"
+            )
 
     async def stop(self) -> None:
         """Stop watching. An advisory cut off mid-way is redelivered; its copy dedups."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        tasks, self._tasks = self._tasks, {}
+        await _stop_all(list(tasks.values()))
 
-    async def _provision(self, target: _Target) -> None:
-        await ensure_advisory_stream(self._js, self._replicas)
+    async def _provision(self, target: _Target, replicas: int) -> None:
+        await ensure_advisory_stream(self._js, replicas)
         config = watcher_consumer_config(target.stream, target.consumer)
         await self._js.add_consumer(ADVISORY_STREAM, config)
 
-    async def _watch(self, target: _Target, provisioned: bool) -> None:
+    async def _watch(self, target: _Target, provisioned: bool, replicas: int) -> None:
         name = watcher_consumer_name(target.stream, target.consumer)
         sub: JetStreamContext.PullSubscription | None = None
         while True:
             try:
                 if not provisioned:
-                    await self._provision(target)
+                    await self._provision(target, replicas)
                     provisioned = True
                 if sub is None:
                     sub = await self._js.pull_subscribe_bind(name, ADVISORY_STREAM)
@@ -267,7 +287,7 @@ class AdvisoryWatcher:
                 return
             except nats.errors.Error as exc:
                 # Deleted consumer or stream, lost server...: re-provision after a real pause.
-                log.warning("watching advisories for %s: %s", target.spec.name, exc)
+                log.warning("watching advisories for %s: %s", target.function, exc)
                 if sub is not None:
                     with contextlib.suppress(nats.errors.Error):
                         await sub.unsubscribe()
@@ -276,7 +296,7 @@ class AdvisoryWatcher:
                 await asyncio.sleep(ADVISORY_RETRY[0])
                 continue
             for msg in msgs:
-                await self.handle(target, msg)
+                await self.handle(self._targets[(target.stream, target.consumer)], msg)
 
     async def handle(self, target: _Target, msg: Msg) -> None:
         """Settle one advisory: ack once the copy is stored (or cannot ever be), else nak."""
@@ -291,7 +311,7 @@ class AdvisoryWatcher:
         if (stream, consumer) != (target.stream, target.consumer):
             await msg.ack()  # not this consumer's (the filter should make this impossible)
             return
-        name, where = target.spec.name, f"{stream}/{seq}"
+        name, where = target.function, f"{stream}/{seq}"
         try:
             original = await self._js.get_msg(stream, seq)
         except NotFoundError:
@@ -337,6 +357,12 @@ class AdvisoryWatcher:
         log.warning("%s; retrying in %gs", why, delay)
         with contextlib.suppress(nats.errors.Error):  # unsettled, it comes back after ack_wait
             await msg.nak(delay)
+
+
+async def _stop_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # --- reading, replaying, purging (fnhost dlq) ----------------------------------

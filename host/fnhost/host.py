@@ -140,7 +140,11 @@ class Host:
             on_reconnect=self._on_reconnect,
             on_closed=self._lost.set,
         )
-        self._session = Session(self._nc, stream_for_subject=self.manifest.stream_for_subject)
+        # Looked up at each publish: a reload that declares a stream makes publishes to
+        # its subjects durable at once.
+        self._session = Session(
+            self._nc, stream_for_subject=lambda subject: self.manifest.stream_for_subject(subject)
+        )
         await provision.provision(self.js, self.manifest)
         await self.plugins.startup(self)
         for state in self.functions.values():
@@ -232,18 +236,21 @@ class Host:
             shown = user_traceback(exc)
             log.error("%s%s%s", exc, keeps, f"\n{shown}" if shown else "")
             return False
-        if new_spec.trigger.kind == "stream" and new_spec != state.spec:
+        settings_changed = new_spec != state.spec
+        if new_spec.trigger.kind == "stream" and settings_changed:
             await provision.ensure_consumer(self.js, new_spec)
         trigger = state.trigger
         if trigger is not None and not _needs_new_trigger(state.spec, new_spec):
             trigger.runtime = runtime
             state.spec, state.runtime, state.error = new_spec, runtime, None
             log.info("function %s now runs version %s", name, runtime.version)
-            return True
-        if trigger is not None:
-            await trigger.drain(self.drain_grace)
-            state.trigger = None
-        await self._start_trigger(state, runtime)
+        else:
+            if trigger is not None:
+                await trigger.drain(self.drain_grace)
+                state.trigger = None
+            await self._start_trigger(state, runtime)
+        if settings_changed:
+            await self.plugins.functions_changed(self)
         return state.trigger is not None
 
     async def add_function(self, spec: FunctionSpec) -> bool:
@@ -252,6 +259,7 @@ class Host:
             await provision.ensure_consumer(self.js, spec)
         state = self.functions.setdefault(spec.name, FunctionState(spec))
         state.spec = spec
+        await self.plugins.functions_changed(self)
         await self._start_function(state)
         return state.trigger is not None
 
@@ -265,6 +273,7 @@ class Host:
         if state.executor is not None:
             state.executor.shutdown(wait=False)
         log.info("function %s stopped", name)
+        await self.plugins.functions_changed(self)
 
     def _on_reconnect(self) -> None:
         for state in self.functions.values():

@@ -159,3 +159,31 @@ async def test_a_restart_only_section_is_reported_not_applied(
         diff = await apply_manifest(host, rewrite(host.manifest, new))
     assert diff.restart == ("http",) and diff.functions == ()
     assert any("http changed; restart the host" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stream_declared_by_a_reload_makes_publishes_to_it_durable(
+    host_factory: HostFactory, nc: NatsClient
+) -> None:
+    """``ctx.publish`` to a subject of a stream the reload added waits for its PubAck
+    (and so returns the stored sequence), as it does for streams declared at start."""
+    fns = FNS + textwrap.dedent(
+        """
+        async def relay(data: dict, ctx) -> dict:
+            stored = await ctx.publish("audit.entry", data)
+            return {"seq": stored.seq if stored is not None else None}
+        """
+    )
+    with_relay = MANIFEST + "  relay:\n    module: fns.py\n    handler: relay\n"
+    with_relay += "    trigger: {request: relay}\n"
+    host = await host_factory(with_relay, {"fns.py": fns})
+    assert await ask(nc, "relay") == {"seq": None}, "no stream yet: a core publish"
+
+    new = with_relay.replace(
+        '  WORK: {subjects: ["work.>"]}\n',
+        '  WORK: {subjects: ["work.>"]}\n  AUDIT: {subjects: ["audit.>"]}\n',
+    )
+    diff = await apply_manifest(host, rewrite(host.manifest, new))
+    assert diff.streams == ("AUDIT",) and diff.functions == ()
+    assert await ask(nc, "relay") == {"seq": 1}
+    stored = await nc.jetstream().get_msg("AUDIT", 1)
+    assert json.loads(stored.data or b"") == {}

@@ -4,8 +4,10 @@ A message whose last attempt was never settled (the host died, or the dead
 letter could not be stored) still reaches its function's ``dead_letter``
 subject: :class:`fnhost.dlq.AdvisoryWatcher` copies it from the advisory
 JetStream publishes. Startup provisions the advisory stream and consumers
-before any trigger starts; shutdown stops the watcher before the connection
-closes. A host whose manifest dead-letters nothing does nothing here.
+before any trigger starts; a reload or a deploy that adds, changes or stops a
+function moves the watcher along (``fnhost_functions_changed``); shutdown stops
+the watcher before the connection closes. A host whose functions dead-letter
+nothing does nothing here.
 """
 
 from __future__ import annotations
@@ -25,12 +27,23 @@ _watchers: WeakKeyDictionary[Host, AdvisoryWatcher] = WeakKeyDictionary()
 
 @hookimpl
 async def fnhost_startup(host: Host) -> None:
-    watcher = AdvisoryWatcher(
-        host.nc, host.manifest, on_dead_lettered=host.metrics.count_dead_letter
+    watcher = _watchers[host] = AdvisoryWatcher(
+        host.nc, on_dead_lettered=host.metrics.count_dead_letter
     )
-    if watcher.targets:
-        _watchers[host] = watcher
-        await watcher.start()
+    await _follow(host, watcher)
+
+
+@hookimpl
+async def fnhost_functions_changed(host: Host) -> None:
+    watcher = _watchers.get(host)
+    if watcher is not None:
+        await _follow(host, watcher)
+
+
+async def _follow(host: Host, watcher: AdvisoryWatcher) -> None:
+    # host.functions, not the manifest: at start-up the registry has already put
+    # the deployed versions there.
+    await watcher.sync(host.manifest, [state.spec for state in host.functions.values()])
 
 
 @hookimpl

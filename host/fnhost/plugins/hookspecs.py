@@ -6,7 +6,8 @@ of a spec's arguments. Plugins load from the ``fnhost`` entry-point group and
 from ``plugins:`` in fn.yaml (dotted module names).
 
 Hooks are called when a function is loaded, when the host starts and when it
-stops: never per message. What runs per message is what the hooks *return*
+stops, and when a reload or a deploy changes the running functions: never per
+message. What runs per message is what the hooks *return*
 (a middleware, an outgoing hook), composed once per function load.
 
 Middleware order: the results of ``fnhost_middleware`` wrap the handler
@@ -66,6 +67,17 @@ def fnhost_shutdown(host: Host) -> Any:
     """Called after the host drained its triggers, before the connection closes.
 
     May return an awaitable, which the host awaits.
+    """
+
+
+@hookspec
+def fnhost_functions_changed(host: Host) -> Any:
+    """Called when a running host's functions change: a reload or a deploy added one
+    (before its trigger starts), gave one new settings, or stopped one.
+
+    ``host.functions`` holds the functions as they are now. Not called at
+    start-up (``fnhost_startup`` sees the first set) nor for a change of code
+    alone. May return an awaitable, which the host awaits.
     """
 
 

@@ -95,6 +95,9 @@ class PluginManager:
         # Reverse registration order, so a plugin shuts down after the ones started after it.
         await _await_all(reversed(self._pm.hook.fnhost_shutdown(host=host)))
 
+    async def functions_changed(self, host: Host) -> None:
+        await _await_all(self._pm.hook.fnhost_functions_changed(host=host))
+
     def routes(self, host: Host) -> list[Any]:
         return [
             route for routes in self._pm.hook.fnhost_routes(host=host) if routes for route in routes
