@@ -196,6 +196,27 @@ async def test_store_down_naks_reports_and_recovers(
     assert readiness(host) == []
 
 
+async def test_store_back_with_no_message_left_to_use_it_clears_readiness(
+    host_factory: HostFactory, nc: NatsClient, redis_server: RedisServer
+) -> None:
+    """The failed message is gone (handled by another host, here purged): no store call
+    of a message would clear the problem, so the guard's own probe does."""
+    host = await host_factory(
+        manifest(f"{{store: redis, url: '{redis_server.url}'}}"), {"fn.py": COUNTING}
+    )
+    redis_server.kill()
+    await publish(nc, 1)
+    await wait_for(
+        lambda: "idempotency:redis" in host.problems, timeout=20, message="store reported down"
+    )
+    await nc.jetstream().purge_stream("IN")
+    redis_server.start()
+    await wait_for(
+        lambda: readiness(host) == [], timeout=30, message="ready again without a message"
+    )
+    assert runs(host) == []
+
+
 POSTGRES_EFFECT = """\
 import psycopg
 

@@ -22,7 +22,9 @@ For a function with ``idempotency:`` in fn.yaml the middleware, per message:
 A store that cannot be reached makes the message nak (with the function's
 back-off), never ack unprocessed, and puts ``idempotency:<store>`` among the
 host's readiness problems (``/readyz`` answers 503) until a store call
-succeeds again.
+succeeds again: the next message's, or the guard's own probe, which starts
+the store again every few seconds while it is down (so a host whose failed
+messages were meanwhile handled elsewhere does not stay unready).
 
 It sits right outside ``retry`` (see :data:`fnhost.plugins.manager.BUILTIN_PLUGINS`),
 so it sees outcomes, not exceptions; ``metrics`` and ``tracing`` sit outside it
@@ -66,6 +68,8 @@ log = logging.getLogger("fnhost.idempotency")
 
 POLL_FIRST, POLL_MAX = 0.02, 0.5
 """Seconds between looks at a lease being waited on: from the first, doubling to the max."""
+PROBE_FIRST, PROBE_MAX = 1.0, 30.0
+"""Seconds between probes of a store that is down: from the first, doubling to the max."""
 
 KeySource = Callable[[Invocation], str | None]
 
@@ -77,7 +81,7 @@ class MissingKey(Exception):
 class StoreGuard:
     """One store of one host: started lazily, its outages reported on ``/readyz``."""
 
-    __slots__ = ("down", "host", "problem", "started", "store")
+    __slots__ = ("_probe", "down", "host", "problem", "started", "store")
 
     def __init__(self, store: Store, host: Host) -> None:
         self.store = store
@@ -85,6 +89,7 @@ class StoreGuard:
         self.problem = f"idempotency:{store.name}"
         self.started = False
         self.down = False
+        self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         try:
@@ -100,11 +105,34 @@ class StoreGuard:
         self.down = True
         self.started = False  # start again (bucket, table, connection) before the next use
         self.host.problems[self.problem] = f"store unavailable: {exc}"
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(
+                self._probe_until_back(), name=f"fnhost-probe-{self.problem}"
+            )
 
     def recovered(self) -> None:
+        if not self.down:
+            return
         self.down = False
         self.host.problems.pop(self.problem, None)
         log.info("idempotency store %s is back", self.store.name)
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        await self.store.close()
+
+    async def _probe_until_back(self) -> None:
+        pause = PROBE_FIRST
+        while self.down:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PROBE_MAX)
+            if not self.down:
+                return  # a message's store call got through first
+            with contextlib.suppress(StoreUnavailable):
+                await self.start()
+                self.recovered()
 
 
 class HostStores:
@@ -161,7 +189,7 @@ async def fnhost_shutdown(host: Host) -> None:
     stores = _stores.pop(host, None)
     if stores is not None:
         for guard in stores.guards.values():
-            await guard.store.close()
+            await guard.close()
 
 
 @hookimpl
