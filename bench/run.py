@@ -136,6 +136,8 @@ class Results:
         default_factory=lambda: {workload: {} for workload in WORKLOADS}
     )
     redelivered: dict[str, list[int]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    """Workload B: the implementation process's CPU µs per message, per round (Linux)."""
     unavailable: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -167,6 +169,9 @@ class Results:
                 }
                 if workload == "stream_consume":
                     rows[impl]["redelivered"] = self.redelivered[impl]
+                    cpu = self.cpu.get(impl, [])
+                    rows[impl]["cpu_rounds"] = cpu
+                    rows[impl]["cpu_us_per_message"] = statistics.median(cpu) if cpu else None
         return rows
 
 
@@ -303,19 +308,19 @@ async def measure_requests(
 
 async def trial(
     impl: str, round_no: int, url: str, nc: Client, args: argparse.Namespace
-) -> tuple[float, float, int]:
-    """One implementation, one round: (replies/s, messages acked/s, redeliveries)."""
+) -> tuple[float, Consumed]:
+    """One implementation, one round: replies/s, and what workload B measured."""
     await reset_stream(nc.jetstream(), args.messages)
     argv, env = command(impl, url, args.loop)
     proc = Process(impl, argv, LOG_DIR / f"{impl}-round{round_no}.log", env)
     await proc.start()
     try:
-        consumed, redelivered, _ = await measure_consume(nc.jetstream(), proc, args.messages)
+        consumed = await measure_consume(nc.jetstream(), proc, args.messages)
         await wait_replying(nc, proc)
         replies = await measure_requests(url, args, proc, round_no)
     finally:
         await proc.stop()
-    return replies, consumed, redelivered
+    return replies, consumed
 
 
 async def bench(args: argparse.Namespace, results: Results) -> str:
@@ -334,15 +339,17 @@ async def bench(args: argparse.Namespace, results: Results) -> str:
             for impl in results.runnable():
                 print(f"round {round_no}/{args.rounds}  {impl:<11}", end="", flush=True)
                 try:
-                    replies, consumed, redelivered = await trial(impl, round_no, url, nc, args)
+                    replies, consumed = await trial(impl, round_no, url, nc, args)
                 except ProcessFailed as failure:
                     print("  failed")
                     results.failed[impl] = str(failure)
                     continue
-                print(f"  A {replies:>9,.0f} replies/s   B {consumed:>9,.0f} msgs/s")
+                print(f"  A {replies:>9,.0f} replies/s   B {consumed.rate:>9,.0f} msgs/s")
                 results.rates["request_reply"].setdefault(impl, []).append(replies)
-                results.rates["stream_consume"].setdefault(impl, []).append(consumed)
-                results.redelivered.setdefault(impl, []).append(redelivered)
+                results.rates["stream_consume"].setdefault(impl, []).append(consumed.rate)
+                results.redelivered.setdefault(impl, []).append(consumed.redelivered)
+                if consumed.cpu_us_per_message is not None:
+                    results.cpu.setdefault(impl, []).append(consumed.cpu_us_per_message)
     return server.version
 
 
@@ -364,16 +371,19 @@ def print_report(meta: dict[str, Any], summaries: dict[str, dict[str, dict[str, 
     header = f"{'implementation':<15}{'median':>10}{'min':>10}{'max':>10}{'vs raw':>9}"
     for workload, title in WORKLOADS.items():
         print(f"\n{title} ({sizes[workload]})")
-        print(header + f"{'vs faststream':>15}")
+        cpu_column = workload == "stream_consume"
+        print(header + f"{'vs faststream':>15}" + (f"{'CPU µs/msg':>12}" if cpu_column else ""))
         for impl, row in summaries[workload].items():
             if row["status"] == "n/a":
                 print(f"{impl:<15}{'n/a':>10}   {row['reason']}")
             elif row["status"] == "failed":
                 print(f"{impl:<15}{'failed':>10}   (reason below)")
             else:
+                cpu = row.get("cpu_us_per_message")
+                cpu_text = f"{'-' if cpu is None else f'{cpu:.1f}':>12}" if cpu_column else ""
                 print(
                     f"{impl:<15}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
-                    f"{ratio(row['vs_raw']):>9}{ratio(row['vs_faststream']):>15}"
+                    f"{ratio(row['vs_raw']):>9}{ratio(row['vs_faststream']):>15}{cpu_text}"
                 )
                 if sum(row.get("redelivered", ())):
                     print(f"{'':<15}redelivered per round: {row['redelivered']}")

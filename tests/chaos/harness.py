@@ -108,5 +108,11 @@ class HostProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def print_tail(self, lines: int = 60) -> None:
+        """Print the end of the log: pytest shows it with a failed test's output, after
+        the test's temp dir (and so the log) may be gone."""
+        tail = "\n".join(self.log().splitlines()[-lines:])
+        print(f"--- last {lines} lines of {self.log_path}:\n{tail}")
+
     def close(self) -> None:
         self.kill()

@@ -263,6 +263,9 @@ async def run_f1(
             dead,
             host.lives,
         )
+    except BaseException:
+        host.print_tail()
+        raise
     finally:
         host.close()
         await nc.close()
