@@ -357,6 +357,11 @@ def ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def figure(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or ``-`` when there is none."""
+    return "-" if value is None else format(value, spec)
+
+
 def print_report(meta: dict[str, Any], summaries: dict[str, dict[str, dict[str, Any]]]) -> None:
     print()
     print(
@@ -379,8 +384,8 @@ def print_report(meta: dict[str, Any], summaries: dict[str, dict[str, dict[str, 
             elif row["status"] == "failed":
                 print(f"{impl:<15}{'failed':>10}   (reason below)")
             else:
-                cpu = row.get("cpu_us_per_message")
-                cpu_text = f"{'-' if cpu is None else f'{cpu:.1f}':>12}" if cpu_column else ""
+                cpu = figure(row.get("cpu_us_per_message"), ".1f")
+                cpu_text = f"{cpu:>12}" if cpu_column else ""
                 print(
                     f"{impl:<15}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
                     f"{ratio(row['vs_raw']):>9}{ratio(row['vs_faststream']):>15}{cpu_text}"

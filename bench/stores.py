@@ -85,9 +85,11 @@ from run import (
     LOG_DIR,
     RESULTS_DIR,
     Consumed,
+    figure,
     host_env,
     measure_consume,
     package_version,
+    ratio,
     reset_stream,
 )
 
@@ -346,13 +348,13 @@ def print_report(
     header = f"{'store':<11}{'msgs/s':>10}{'min':>10}{'max':>10}{'vs none':>9}"
     print(header + f"{'µs/msg':>9}{'store µs':>10}{'CPU µs':>9}{'store CPU':>11}")
     for store, row in rows.items():
-        ratio = "-" if row["vs_none"] is None else f"{row['vs_none']:.2f}x"
-        extra = "-" if store == "none" else _figure(row["store_us_per_message"], ",.0f")
-        cpu = _figure(row["cpu_us_per_message"], ".1f")
-        cpu_extra = "-" if store == "none" else _figure(row["store_cpu_us_per_message"], ".1f")
+        extra = "-" if store == "none" else figure(row["store_us_per_message"], ",.0f")
+        cpu = figure(row["cpu_us_per_message"], ".1f")
+        cpu_extra = "-" if store == "none" else figure(row["store_cpu_us_per_message"], ".1f")
         print(
             f"{store:<11}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
-            f"{ratio:>9}{row['us_per_message']:>9,.0f}{extra:>10}{cpu:>9}{cpu_extra:>11}"
+            f"{ratio(row['vs_none']):>9}{row['us_per_message']:>9,.0f}{extra:>10}{cpu:>9}"
+            f"{cpu_extra:>11}"
         )
     for store, reason in skipped.items():
         print(f"{store:<11}{'n/a':>10}   {reason}")
@@ -375,10 +377,6 @@ def print_report(
             f"a host adding only those 2 writes' client CPU would spend {floor:.1f} µs per "
             f"message (none {none_cpu:.1f} + 2 x {write_cpu:.1f})"
         )
-
-
-def _figure(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def parse_args() -> argparse.Namespace:
