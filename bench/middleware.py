@@ -171,7 +171,8 @@ async def trial(
     proc = Process(f"host-{variant}", [*argv, "--loop", args.loop], log, host_env())
     await proc.start()
     try:
-        consumed, redelivered, _ = await measure_consume(nc.jetstream(), proc, args.messages)
+        measured = await measure_consume(nc.jetstream(), [proc], args.messages)
+        consumed, redelivered = measured.rate, measured.redelivered
         await wait_replying(nc, proc)
         replies = await measure_requests(url, args, proc, round_no)
     finally:

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -138,6 +139,8 @@ class Results:
     redelivered: dict[str, list[int]] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
     """Workload B: the implementation process's CPU µs per message, per round (Linux)."""
+    server_cpu: dict[str, list[float]] = field(default_factory=dict)
+    """Workload B: nats-server's CPU µs per message, per round (Linux)."""
     unavailable: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -172,6 +175,11 @@ class Results:
                     cpu = self.cpu.get(impl, [])
                     rows[impl]["cpu_rounds"] = cpu
                     rows[impl]["cpu_us_per_message"] = statistics.median(cpu) if cpu else None
+                    server_cpu = self.server_cpu.get(impl, [])
+                    rows[impl]["server_cpu_rounds"] = server_cpu
+                    rows[impl]["server_cpu_us_per_message"] = (
+                        statistics.median(server_cpu) if server_cpu else None
+                    )
         return rows
 
 
@@ -206,66 +214,98 @@ class Consumed(NamedTuple):
     """Messages acked per second."""
     redelivered: int
     cpu_us_per_message: float | None
-    """CPU time of the process per message acked while measured (None without /proc)."""
+    """CPU time of the host processes together per message acked while measured
+    (None without /proc)."""
+    server_cpu_us_per_message: float | None = None
+    """The same for nats-server, when it was given."""
 
 
-async def measure_consume(js: JetStreamContext, proc: Process, messages: int) -> Consumed:
+def cpu_seconds(processes: Sequence[Process]) -> float | None:
+    """The CPU time ``processes`` have used together (None for none, or if one cannot be read)."""
+    if not processes:
+        return None
+    total = 0.0
+    for process in processes:
+        used = process.cpu_seconds()
+        if used is None:
+            return None
+        total += used
+    return total
+
+
+async def measure_consume(
+    js: JetStreamContext,
+    hosts: Sequence[Process],
+    messages: int,
+    server: Process | None = None,
+) -> Consumed:
     """Messages acked per second, redeliveries and CPU per message of the durable consumer
-    ``proc`` creates.
+    that ``hosts`` (one process, or several sharing it) create.
 
     Both ends of the window are server timestamps: the consumer's creation and
     its last ack. So the driver's polling adds no error, and the window is the
     same for all: from the moment an implementation has its consumer to the
     moment its last message is acked.
 
-    CPU is counted from the first look at the consumer, per message acked since
-    then, so the process's start-up is left out.
+    CPU (of ``hosts`` together, and of ``server`` on its own) is counted from
+    the first look at the consumer, per message acked since then, so start-up
+    is left out.
     """
+    servers = [server] if server is not None else []
+    first = hosts[0]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STARTUP_TIMEOUT
     floor, progressed = -1, loop.time()
-    cpu_from: tuple[float, int] | None = None
+    cpu_from: tuple[float | None, float | None, int] | None = None
     while True:
-        proc.check_alive()
+        for host in hosts:
+            host.check_alive()
         try:
             info = await js.consumer_info(STREAM, DURABLE)
         except NotFoundError:
             if loop.time() > deadline:
                 raise ProcessFailed(
-                    f"{proc.name} created no consumer {DURABLE} within {STARTUP_TIMEOUT}s"
-                    + proc.tail()
+                    f"{first.name} created no consumer {DURABLE} within {STARTUP_TIMEOUT}s"
+                    + first.tail()
                 ) from None
             await asyncio.sleep(POLL_INTERVAL)
             continue
         # Anything but every message, each acked on its own, would time less work.
         if (info.config.ack_policy, info.config.deliver_policy) != ("explicit", "all"):
             raise ProcessFailed(
-                f"{proc.name} created {DURABLE} with ack_policy {info.config.ack_policy} and "
+                f"{first.name} created {DURABLE} with ack_policy {info.config.ack_policy} and "
                 f"deliver_policy {info.config.deliver_policy}; the workload needs explicit, all"
             )
         assert info.ack_floor is not None
         if cpu_from is None:
-            cpu_at_start = proc.cpu_seconds()
-            if cpu_at_start is not None:
-                cpu_from = (cpu_at_start, info.ack_floor.stream_seq)
+            cpu_from = (cpu_seconds(hosts), cpu_seconds(servers), info.ack_floor.stream_seq)
         # A fresh stream numbers its messages 1..messages: a floor at the last
         # one means every message is acked.
         if info.ack_floor.stream_seq >= messages:
             assert info.ack_floor.last_active is not None
             seconds = (info.ack_floor.last_active - info.created).total_seconds()
-            cpu_at_end = proc.cpu_seconds()
-            cpu_per_message = None
-            if cpu_from is not None and cpu_at_end is not None and messages > cpu_from[1]:
-                cpu_per_message = (cpu_at_end - cpu_from[0]) * 1e6 / (messages - cpu_from[1])
-            return Consumed(messages / seconds, info.num_redelivered or 0, cpu_per_message)
+            hosts_from, servers_from, counted_from = cpu_from
+            counted = messages - counted_from
+            return Consumed(
+                messages / seconds,
+                info.num_redelivered or 0,
+                _per_message(hosts_from, cpu_seconds(hosts), counted),
+                _per_message(servers_from, cpu_seconds(servers), counted),
+            )
         if info.ack_floor.stream_seq != floor:
             floor, progressed = info.ack_floor.stream_seq, loop.time()
         elif loop.time() - progressed > STALL_TIMEOUT:
             raise ProcessFailed(
-                f"{proc.name} stalled at ack floor {floor}/{messages} for {STALL_TIMEOUT}s"
-                + proc.tail()
+                f"{first.name} stalled at ack floor {floor}/{messages} for {STALL_TIMEOUT}s"
+                + first.tail()
             )
         await asyncio.sleep(POLL_INTERVAL)
+
+
+def _per_message(start: float | None, end: float | None, messages: int) -> float | None:
+    if start is None or end is None or messages <= 0:
+        return None
+    return (end - start) * 1e6 / messages
 
 
 async def wait_replying(nc: Client, proc: Process) -> None:
@@ -307,15 +347,16 @@ async def measure_requests(
 
 
 async def trial(
-    impl: str, round_no: int, url: str, nc: Client, args: argparse.Namespace
+    impl: str, round_no: int, server: NatsServer, nc: Client, args: argparse.Namespace
 ) -> tuple[float, Consumed]:
     """One implementation, one round: replies/s, and what workload B measured."""
+    url = server.url
     await reset_stream(nc.jetstream(), args.messages)
     argv, env = command(impl, url, args.loop)
     proc = Process(impl, argv, LOG_DIR / f"{impl}-round{round_no}.log", env)
     await proc.start()
     try:
-        consumed = await measure_consume(nc.jetstream(), proc, args.messages)
+        consumed = await measure_consume(nc.jetstream(), [proc], args.messages, server.process)
         await wait_replying(nc, proc)
         replies = await measure_requests(url, args, proc, round_no)
     finally:
@@ -339,7 +380,7 @@ async def bench(args: argparse.Namespace, results: Results) -> str:
             for impl in results.runnable():
                 print(f"round {round_no}/{args.rounds}  {impl:<11}", end="", flush=True)
                 try:
-                    replies, consumed = await trial(impl, round_no, url, nc, args)
+                    replies, consumed = await trial(impl, round_no, server, nc, args)
                 except ProcessFailed as failure:
                     print("  failed")
                     results.failed[impl] = str(failure)
@@ -350,6 +391,10 @@ async def bench(args: argparse.Namespace, results: Results) -> str:
                 results.redelivered.setdefault(impl, []).append(consumed.redelivered)
                 if consumed.cpu_us_per_message is not None:
                     results.cpu.setdefault(impl, []).append(consumed.cpu_us_per_message)
+                if consumed.server_cpu_us_per_message is not None:
+                    results.server_cpu.setdefault(impl, []).append(
+                        consumed.server_cpu_us_per_message
+                    )
     return server.version
 
 
@@ -377,7 +422,8 @@ def print_report(meta: dict[str, Any], summaries: dict[str, dict[str, dict[str, 
     for workload, title in WORKLOADS.items():
         print(f"\n{title} ({sizes[workload]})")
         cpu_column = workload == "stream_consume"
-        print(header + f"{'vs faststream':>15}" + (f"{'CPU µs/msg':>12}" if cpu_column else ""))
+        cpu_header = f"{'CPU µs/msg':>12}{'NATS CPU':>10}" if cpu_column else ""
+        print(header + f"{'vs faststream':>15}" + cpu_header)
         for impl, row in summaries[workload].items():
             if row["status"] == "n/a":
                 print(f"{impl:<15}{'n/a':>10}   {row['reason']}")
@@ -385,7 +431,8 @@ def print_report(meta: dict[str, Any], summaries: dict[str, dict[str, dict[str, 
                 print(f"{impl:<15}{'failed':>10}   (reason below)")
             else:
                 cpu = figure(row.get("cpu_us_per_message"), ".1f")
-                cpu_text = f"{cpu:>12}" if cpu_column else ""
+                server_cpu = figure(row.get("server_cpu_us_per_message"), ".1f")
+                cpu_text = f"{cpu:>12}{server_cpu:>10}" if cpu_column else ""
                 print(
                     f"{impl:<15}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
                     f"{ratio(row['vs_raw']):>9}{ratio(row['vs_faststream']):>15}{cpu_text}"

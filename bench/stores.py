@@ -2,7 +2,7 @@
 
     python bench/stores.py [--rounds 3] [--messages 20000] [--loop uvloop|asyncio]
                            [--only none,round-trip,memory,kv,redis,postgres]
-                           [--sync always|default]
+                           [--sync always|default] [--hosts 1]
 
 The function is workload B of ``run.py`` (``bench/functions.py:consume``:
 decode the JSON, return; the host acks), run by ``python -m fnhost run`` with
@@ -20,9 +20,12 @@ creation to its last ack, both server timestamps (``run.measure_consume``).
 
 Prints, per store: the median of the rounds, min, max, the ratio to ``none``,
 the per-message cost of the store in wall time, ``1e6/rate - 1e6/rate(none)``
-µs, and the host process's CPU time per message (from ``/proc``, counted from
+µs, the host process's CPU time per message (from ``/proc``, counted from
 the driver's first look at the consumer, per message acked since) with the
-store's share of it (the difference to ``none``). ``--sync default`` runs
+store's share of it (the difference to ``none``), and nats-server's CPU time
+per message, counted the same way. ``--hosts N`` runs N host processes on the
+same manifest, sharing the durable consumer as several fnhost hosts do; their
+CPU is added up. ``--sync default`` runs
 nats-server with its default fsync interval instead of ``sync_interval:
 always``, which separates the host's own cost per message from the server's
 fsync per KV write. Writes bench/results/stores-sync-<always|default>.json.
@@ -37,11 +40,11 @@ less than this row.
 
 Before the trials it measures the *kv ceiling*: compare-and-set writes per
 second into a KV bucket from this process, written as the kv store writes them
-(``fnhost_sdk.replies``) with 64 in flight and no host, and its CPU per
-write: the bound of a store that makes two such writes (lease, record) per
-message. And the *loopback ping-pong*: 200 bytes to an echo process and back,
-one at a time, no NATS: what waking another process and being woken costs on
-this machine.
+(``fnhost_sdk.replies``) with 64 in flight and no host, with the CPU per
+write of this process and of nats-server: the bound of a store that makes
+two such writes (lease, record) per message. And the *loopback ping-pong*:
+200 bytes to an echo process and back, one at a time, no NATS: what waking
+another process and being woken costs on this machine.
 """
 
 from __future__ import annotations
@@ -147,8 +150,9 @@ def manifest_for(store: str, trial: str, urls: dict[str, str]) -> str:
 
 
 async def trial(
-    store: str, round_no: int, url: str, urls: dict[str, str], workdir: Path, args: Any
+    store: str, round_no: int, server: NatsServer, urls: dict[str, str], workdir: Path, args: Any
 ) -> Consumed:
+    url = server.url
     nc = await nats.connect(url, name="bench-stores-driver")
     try:
         js = nc.jetstream()
@@ -162,22 +166,27 @@ async def trial(
         manifest = workdir / f"{name}.yaml"
         manifest.write_text(manifest_for(store, name, urls))
         argv = [sys.executable, "-m", "fnhost", "run", str(manifest), "--nats", url]
-        proc = Process(
-            f"host-{store}",
-            [*argv, "--loop", args.loop],
-            LOG_DIR / f"stores-{store}-round{round_no}.log",
-            host_env(),
-        )
-        await proc.start()
+        hosts = [
+            Process(
+                f"host-{store}-{number}",
+                [*argv, "--loop", args.loop],
+                LOG_DIR / f"stores-{store}-round{round_no}-host{number}.log",
+                host_env(),
+            )
+            for number in range(1, args.hosts + 1)
+        ]
         try:
+            for host in hosts:
+                await host.start()
             for _ in range(5):
                 # Both ends of the window are server timestamps, so asking again after a
                 # slow consumer-info answer (a busy server) measures the same window.
                 with contextlib.suppress(nats.errors.TimeoutError):
-                    return await measure_consume(js, proc, args.messages)
-            raise ProcessFailed("consumer info timed out 5 times" + proc.tail())
+                    return await measure_consume(js, hosts, args.messages, server.process)
+            raise ProcessFailed("consumer info timed out 5 times" + hosts[0].tail())
         finally:
-            await proc.stop()
+            for host in hosts:
+                await host.stop()
     finally:
         await nc.close()
 
@@ -221,18 +230,20 @@ class Ceiling(NamedTuple):
     writes_per_s: float
     cpu_us_per_write: float
     """The writing process's CPU time per write."""
+    server_cpu_us_per_write: float | None
+    """nats-server's CPU time per write (None without /proc)."""
 
 
-async def kv_ceiling(url: str) -> Ceiling:
+async def kv_ceiling(server: NatsServer) -> Ceiling:
     """CAS writes into a fresh KV bucket from this process, 64 in flight, no host.
 
     Written the way the kv store writes (:class:`fnhost_sdk.replies.Replies`),
     so it shows what the store's two writes per message (lease, record) are up
     against: with ``sync_interval: always`` the server's fsync per write,
-    otherwise the client's own Python cost per write, whose CPU time is
-    measured too (this process does nothing else meanwhile).
+    otherwise the CPU of the client (this process does nothing else meanwhile)
+    and of the server per write.
     """
-    nc = await nats.connect(url, name="bench-stores-ceiling")
+    nc = await nats.connect(server.url, name="bench-stores-ceiling")
     try:
         js = nc.jetstream()
         await js.create_key_value(bucket="ceiling", history=1)
@@ -248,10 +259,15 @@ async def kv_ceiling(url: str) -> Ceiling:
                     raise ProcessFailed(f"kv ceiling write refused: {answer.data!r}")
 
         started, cpu_started = loop.time(), time.process_time()
+        server_started = server.process.cpu_seconds()
         await asyncio.gather(*(writer() for _ in range(CEILING_INFLIGHT)))
         elapsed, cpu = loop.time() - started, time.process_time() - cpu_started
+        server_ended = server.process.cpu_seconds()
         await js.delete_key_value("ceiling")
-        return Ceiling(CEILING_WRITES / elapsed, cpu * 1e6 / CEILING_WRITES)
+        server_cpu = None
+        if server_started is not None and server_ended is not None:
+            server_cpu = (server_ended - server_started) * 1e6 / CEILING_WRITES
+        return Ceiling(CEILING_WRITES / elapsed, cpu * 1e6 / CEILING_WRITES, server_cpu)
     finally:
         await nc.close()
 
@@ -266,7 +282,7 @@ async def bench(args: Any) -> tuple[dict[str, list[Consumed]], dict[str, str], s
             # nats-server's own default: fsync every 2 minutes, not on every write.
             config = workdir / "nats-server.conf"
             config.write_text(config.read_text().replace(", sync_interval: always", ""))
-        url = await server.start()
+        await server.start()
         stack.push_async_callback(server.stop)
         urls: dict[str, str] = {}
         if "redis" in args.stores or "postgres" in args.stores:
@@ -286,18 +302,22 @@ async def bench(args: Any) -> tuple[dict[str, list[Consumed]], dict[str, str], s
             else:
                 skipped["postgres"] = "PostgreSQL or psycopg is not installed"
         stores = [store for store in args.stores if store not in skipped]
-        ceiling = await kv_ceiling(url)
+        ceiling = await kv_ceiling(server)
         print(
             f"kv ceiling: {ceiling.writes_per_s:,.0f} CAS writes/s, "
-            f"{ceiling.cpu_us_per_write:.1f} µs CPU per write (one client, no host)"
+            f"{ceiling.cpu_us_per_write:.1f} µs client CPU and "
+            f"{figure(ceiling.server_cpu_us_per_write, '.1f')} µs nats-server CPU per write "
+            "(one client, no host)"
         )
         for round_no in range(1, args.rounds + 1):
             for store in stores:
                 print(f"round {round_no}/{args.rounds}  {store:<10}", end="", flush=True)
-                consumed = await trial(store, round_no, url, urls, workdir, args)
+                consumed = await trial(store, round_no, server, urls, workdir, args)
                 extra = f"  ({consumed.redelivered} redelivered)" if consumed.redelivered else ""
-                cpu = consumed.cpu_us_per_message
+                cpu, server_cpu = consumed.cpu_us_per_message, consumed.server_cpu_us_per_message
                 cpu_text = "" if cpu is None else f", host CPU {cpu:.1f} µs/msg"
+                if server_cpu is not None:
+                    cpu_text += f", nats-server CPU {server_cpu:.1f} µs/msg"
                 print(f"  {consumed.rate:>9,.0f} msgs/s{cpu_text}{extra}")
                 trials.setdefault(store, []).append(consumed)
     return trials, skipped, server.version, ceiling
@@ -308,7 +328,10 @@ def summary(trials: dict[str, list[Consumed]]) -> dict[str, dict[str, Any]]:
         store: statistics.median(consumed.rate for consumed in values)
         for store, values in trials.items()
     }
-    cpu_medians = {store: _median_cpu(values) for store, values in trials.items()}
+    cpu_medians = {
+        store: _median([consumed.cpu_us_per_message for consumed in values])
+        for store, values in trials.items()
+    }
     base, cpu_base = medians.get("none"), cpu_medians.get("none")
     rows: dict[str, dict[str, Any]] = {}
     for store, values in trials.items():
@@ -327,12 +350,16 @@ def summary(trials: dict[str, list[Consumed]]) -> dict[str, dict[str, Any]]:
             "store_cpu_us_per_message": (
                 cpu - cpu_base if cpu is not None and cpu_base is not None else None
             ),
+            "server_cpu_rounds": [consumed.server_cpu_us_per_message for consumed in values],
+            "server_cpu_us_per_message": _median(
+                [consumed.server_cpu_us_per_message for consumed in values]
+            ),
         }
     return rows
 
 
-def _median_cpu(values: list[Consumed]) -> float | None:
-    measured = [c.cpu_us_per_message for c in values if c.cpu_us_per_message is not None]
+def _median(values: list[float | None]) -> float | None:
+    measured = [value for value in values if value is not None]
     return statistics.median(measured) if measured else None
 
 
@@ -342,11 +369,11 @@ def print_report(
     print(
         f"\nnats-server {meta['nats_server']}, nats-py {meta['nats_py']}, Python {meta['python']}, "
         f"loop {meta['loop']}, {meta['cpus']} CPUs, nats-server sync {meta['nats_sync']}; "
-        f"{meta['messages']:,} messages per trial, "
+        f"{meta['messages']:,} messages per trial, {meta['hosts']} host process(es), "
         f"median of {meta['rounds']} round(s)\n"
     )
     header = f"{'store':<11}{'msgs/s':>10}{'min':>10}{'max':>10}{'vs none':>9}"
-    print(header + f"{'µs/msg':>9}{'store µs':>10}{'CPU µs':>9}{'store CPU':>11}")
+    print(header + f"{'µs/msg':>9}{'store µs':>10}{'CPU µs':>9}{'store CPU':>11}{'NATS CPU':>10}")
     for store, row in rows.items():
         extra = "-" if store == "none" else figure(row["store_us_per_message"], ",.0f")
         cpu = figure(row["cpu_us_per_message"], ".1f")
@@ -354,17 +381,18 @@ def print_report(
         print(
             f"{store:<11}{row['median']:>10,.0f}{row['min']:>10,.0f}{row['max']:>10,.0f}"
             f"{ratio(row['vs_none']):>9}{row['us_per_message']:>9,.0f}{extra:>10}{cpu:>9}"
-            f"{cpu_extra:>11}"
+            f"{cpu_extra:>11}{figure(row['server_cpu_us_per_message'], '.1f'):>10}"
         )
     for store, reason in skipped.items():
         print(f"{store:<11}{'n/a':>10}   {reason}")
     ceiling = meta["kv_ceiling_writes_per_s"]
     write_cpu = meta["kv_ceiling_cpu_us_per_write"]
+    server_write_cpu = figure(meta["kv_ceiling_server_cpu_us_per_write"], ".1f")
     print(
         f"\nkv ceiling: {ceiling:,.0f} CAS writes/s into a KV bucket (one client writing as the "
         f"kv store does, {CEILING_INFLIGHT} in flight, no host) = {ceiling / 2:,.0f} msgs/s at "
         f"the kv store's 2 writes (lease, record) per message; {write_cpu:.1f} µs of the "
-        "client's CPU per write"
+        f"client's CPU and {server_write_cpu} µs of nats-server's per write"
     )
     print(
         f"loopback ping-pong (no NATS): {meta['ping_pong_us']:.1f} µs per round trip between two "
@@ -393,11 +421,17 @@ def parse_args() -> argparse.Namespace:
         default="always",
         help="nats-server fsync: on every write (as production, default) or its 2-minute default",
     )
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="host processes sharing the function's durable consumer (default 1)",
+    )
     args = parser.parse_args()
     args.stores = comma_choice(parser, "--only", args.only, STORES)
     check_loop(parser, args.loop)
-    if min(args.rounds, args.messages) < 1:
-        parser.error("--rounds and --messages must be at least 1")
+    if min(args.rounds, args.messages, args.hosts) < 1:
+        parser.error("--rounds, --messages and --hosts must be at least 1")
     return args
 
 
@@ -429,6 +463,8 @@ async def main(args: argparse.Namespace) -> int:
         "nats_sync": args.sync,
         "kv_ceiling_writes_per_s": ceiling.writes_per_s,
         "kv_ceiling_cpu_us_per_write": ceiling.cpu_us_per_write,
+        "kv_ceiling_server_cpu_us_per_write": ceiling.server_cpu_us_per_write,
+        "hosts": args.hosts,
         "ping_pong_us": ping_pong.wall_us,
         "ping_pong_cpu_us": ping_pong.cpu_us,
     }
