@@ -26,7 +26,7 @@ from fnhost.cli_deploy import register as register_deploy_commands
 from fnhost.cli_dlq import dlq_app
 from fnhost.connection import ConnectError, connect_briefly
 from fnhost.errors import ConfigError, FnhostError, LoadError, ManifestError
-from fnhost.manifest import Manifest, NatsConfig, load_manifest
+from fnhost.manifest import HttpConfig, Manifest, NatsConfig, load_manifest
 from fnhost_sdk import headers as h
 from fnhost_sdk.session import PublishError, Session
 
@@ -118,14 +118,23 @@ def _host_command(
     force_embedded: bool,
     reload: bool,
 ) -> None:
+    from fnhost import workers
     from fnhost.host import Host
     from fnhost.logs import setup_logging
 
     manifest = _load(manifest_path)
     level = log_level or manifest.logging.level
     fmt = manifest.logging.format if manifest.logging.format != "auto" else log_format
-    setup_logging("json" if fmt == "json" else "text", level)
+    # Set by a --workers supervisor for the host processes it starts.
+    worker_status = os.environ.get(workers.STATUS_ENV)
+    worker = int(os.environ.get(workers.INDEX_ENV, "0")) if worker_status else None
+    setup_logging("json" if fmt == "json" else "text", level, worker=worker)
     nats_url = nats or ("embedded" if force_embedded else None)
+    if worker_status:
+        # The supervisor serves the manifest's address; it reads this worker on a private one.
+        gateway = (manifest.http or HttpConfig()).gateway
+        private = HttpConfig(host="127.0.0.1", port=0, gateway=gateway)
+        manifest = manifest.model_copy(update={"http": private})
 
     async def serve() -> int:
         plugins: list[object] = []
@@ -140,7 +149,16 @@ def _host_command(
             plugins=plugins,
             any_http_port_if_taken=force_embedded,  # dev: a second project is not an error
         )
-        return await host.serve()
+        if not worker_status:
+            return await host.serve()
+        supervisor_pid = int(os.environ[workers.SUPERVISOR_ENV])
+        beside = asyncio.ensure_future(
+            workers.serve_as_worker(host, Path(worker_status), supervisor_pid)
+        )
+        try:
+            return await host.serve()
+        finally:
+            beside.cancel()
 
     try:
         code = _run_async(serve, loop)
@@ -182,6 +200,41 @@ def _exit_past_stuck_threads(code: int) -> None:
     os._exit(code)
 
 
+def _supervise(
+    manifest_path: Path,
+    *,
+    count: int,
+    worker_timeout: float,
+    nats: str | None,
+    grace: float,
+    loop: str,
+    log_level: str | None,
+) -> None:
+    from fnhost import workers
+    from fnhost.logs import setup_logging
+
+    manifest = _load(manifest_path)
+    fmt = manifest.logging.format if manifest.logging.format != "auto" else "json"
+    setup_logging("json" if fmt == "json" else "text", log_level or manifest.logging.level)
+    worker_argv = [sys.executable, "-m", "fnhost", "run", str(manifest_path.resolve())]
+    worker_argv += ["--grace", str(grace), "--loop", loop]
+    if log_level:
+        worker_argv += ["--log-level", log_level]
+    supervisor = workers.Supervisor(
+        manifest,
+        count=count,
+        worker_argv=worker_argv,
+        nats_url=nats,
+        grace=grace,
+        worker_timeout=worker_timeout,
+    )
+    try:
+        code = _run_async(supervisor.serve, loop)
+    except (ConfigError, FnhostError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
 @app.command()
 def run(
     manifest: ManifestArg = Path("fn.yaml"),
@@ -190,8 +243,38 @@ def run(
     loop: LoopOption = "auto",
     log_level: LogLevelOption = None,
     reload: ReloadOption = False,
+    worker_count: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Host processes to run, under one supervisor that serves their HTTP "
+            "and replaces any that dies or hangs (one per core is a good start).",
+        ),
+    ] = 1,
+    worker_timeout: Annotated[
+        float,
+        typer.Option(
+            "--worker-timeout",
+            min=1.0,
+            help="With --workers: seconds a worker may leave its health check unanswered "
+            "before it is killed and replaced.",
+        ),
+    ] = 60.0,
 ) -> None:
     """Run the manifest's functions (production: JSON logs)."""
+    if worker_count > 1:
+        if reload:
+            raise _fail("--reload swaps code inside one host process; run without --workers")
+        _supervise(
+            manifest,
+            count=worker_count,
+            worker_timeout=worker_timeout,
+            nats=nats_url,
+            grace=grace,
+            loop=loop,
+            log_level=log_level,
+        )
     _host_command(
         manifest,
         nats=nats_url,

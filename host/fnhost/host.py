@@ -24,7 +24,7 @@ from fnhost import provision
 from fnhost.connection import connect
 from fnhost.embedded import EmbeddedNats
 from fnhost.errors import FnhostError, LoadError
-from fnhost.http import HttpServer
+from fnhost.http import HttpServer, build_app
 from fnhost.invocation import build_endpoint, compose
 from fnhost.loader import LoadedFunction, load_function, user_traceback
 from fnhost.manifest import FunctionSpec, Manifest
@@ -129,7 +129,7 @@ class Host:
     async def start(self) -> None:
         """Serve HTTP, connect, provision, load every function and start its trigger."""
         if self.manifest.http is not None:
-            self.http = HttpServer(self, self.manifest.http)
+            self.http = HttpServer(build_app(self), self.manifest.http)
             self.http_url = await self.http.start(any_port_if_taken=self._any_http_port_if_taken)
             log.info("HTTP on %s (status page, /healthz, /readyz, /metrics)", self.http_url)
         servers = await self._servers()

@@ -219,11 +219,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """Serves :func:`build_app` until stopped."""
+    """Serves ``app`` (a host's :func:`build_app`, or the ``--workers`` supervisor's) until
+    stopped."""
 
-    def __init__(self, host: Host, config: HttpConfig) -> None:
+    def __init__(self, app: Starlette, config: HttpConfig) -> None:
         self._config = uvicorn.Config(
-            build_app(host),
+            app,
             host=config.host,
             port=config.port,
             loop="none",

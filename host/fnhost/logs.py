@@ -48,7 +48,11 @@ class InvocationContext(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers."""
+    """One JSON object per line, for log shippers; ``worker`` (``--workers``) on every line."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -58,6 +62,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         for name in INVOCATION_FIELDS:
             value = record.__dict__.get(name)
             if value is not None:
@@ -80,12 +86,13 @@ class _InvocationFields(logging.Filter):
         return True
 
 
-def setup_logging(fmt: LogFormat, level: str = "INFO") -> None:
-    """Configure the root logger once for the host process."""
+def setup_logging(fmt: LogFormat, level: str = "INFO", *, worker: int | None = None) -> None:
+    """Configure the root logger once for the host process; ``worker`` is its number
+    under ``fnhost run --workers`` (every line says which process wrote it)."""
     handler: logging.Handler
     if fmt == "json":
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
         handler.addFilter(InvocationContext())
     elif sys.stderr.isatty():
         handler = RichHandler(
@@ -100,8 +107,9 @@ def setup_logging(fmt: LogFormat, level: str = "INFO") -> None:
         # Piped or redirected: one line per record, so grep finds a message whole
         # (rich wraps at 80 columns when it cannot ask a terminal for its width).
         handler = logging.StreamHandler(sys.stderr)
+        tag = "" if worker is None else f"[worker {worker}] "
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(message)s", datefmt="%H:%M:%S")
         )
         handler.addFilter(InvocationContext())
         handler.addFilter(_InvocationFields())
