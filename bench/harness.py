@@ -133,15 +133,31 @@ class Process:
         return await self._proc.wait()
 
     def cpu_seconds(self) -> float | None:
-        """User plus system CPU time the process has used so far; None without Linux's /proc."""
+        """User plus system CPU time the process and its living descendants (the workers
+        of ``fnhost run --workers``) have used so far; None without Linux's /proc."""
         assert self._proc is not None, "start() first"
-        try:
-            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
-        except OSError:
+        used: dict[int, tuple[int, int]] = {}  # pid -> (parent pid, clock ticks)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # it exited while we looked
+            # Field 4 (ppid), 14 and 15 (utime, stime), after the ")" ending the command name.
+            fields = stat.rpartition(")")[2].split()
+            used[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        if self._proc.pid not in used:
             return None
-        # Fields 14 and 15 (utime, stime), counted after the ")" that ends the command name.
-        fields = stat.rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in used.items():
+            children.setdefault(parent, []).append(pid)
+        ticks, family = 0, [self._proc.pid]
+        while family:
+            pid = family.pop()
+            ticks += used[pid][1]
+            family.extend(children.get(pid, ()))
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def last_lines(self, count: int) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()[-count:]

@@ -1,7 +1,7 @@
 """Benchmark fnhost against hand-written nats-py and FastStream, in one run, on one machine.
 
     python bench/run.py [--rounds 3] [--requests 30000] [--messages 50000]
-                        [--only raw,faststream,host] [--loop uvloop|asyncio]
+                        [--only raw,faststream,host,host-workers] [--loop uvloop|asyncio]
 
 Each round runs every implementation once, one after the other, so that
 machine noise hits all of them alike. One trial of an implementation:
@@ -63,7 +63,9 @@ from harness import (
     default_loop,
 )
 
-IMPLEMENTATIONS = ("raw", "faststream", "host")
+IMPLEMENTATIONS = ("raw", "faststream", "host", "host-workers")
+WORKERS = os.cpu_count() or 2
+"""``host-workers`` runs ``fnhost run --workers`` with one host process per CPU."""
 WORKLOADS = {
     "request_reply": "A  request/reply: replies/s",
     "stream_consume": "B  stream consume: messages acked/s",
@@ -102,6 +104,8 @@ def command(impl: str, url: str, loop: str) -> tuple[list[str], dict[str, str]]:
         argv = [sys.executable, "-m", "faststream", "run", *app, "--loop", f"{loop}:new_event_loop"]
         return argv, child_env(NATS_URL=url)
     argv = [sys.executable, "-m", "fnhost", "run", str(BENCH_DIR / "fn.yaml"), "--nats", url]
+    if impl == "host-workers":
+        argv += ["--workers", str(WORKERS)]
     return [*argv, "--loop", loop], host_env()
 
 
@@ -109,7 +113,7 @@ def unavailable(impl: str) -> str | None:
     """Why ``impl`` cannot run here, or None when it can."""
     if impl == "faststream" and importlib.util.find_spec("faststream") is None:
         return "faststream is not installed (pip install -e '.[bench]')"
-    if impl == "host":
+    if impl.startswith("host"):
         # Asked of a child with the host's environment: that is where it must import.
         probe = "import importlib.util as u, sys; sys.exit(u.find_spec('fnhost.__main__') is None)"
         found = subprocess.run(
@@ -378,7 +382,7 @@ async def bench(args: argparse.Namespace, results: Results) -> str:
         stack.push_async_callback(nc.close)
         for round_no in range(1, args.rounds + 1):
             for impl in results.runnable():
-                print(f"round {round_no}/{args.rounds}  {impl:<11}", end="", flush=True)
+                print(f"round {round_no}/{args.rounds}  {impl:<13}", end="", flush=True)
                 try:
                     replies, consumed = await trial(impl, round_no, server, nc, args)
                 except ProcessFailed as failure:
