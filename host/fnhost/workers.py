@@ -59,7 +59,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -103,6 +103,7 @@ STATUS_PRECEDENCE = ("failed", "starting", "draining", "stopped", "running")
 """A function's merged status is the first of these that any worker reports."""
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+WorkerState = Literal["starting", "ready", "not ready", "restarting", "stopped"]
 
 
 class Worker:
@@ -123,6 +124,7 @@ class Worker:
         self.restart_at: float | None = None
         self.metrics: list[Metric] = []
         """The worker's metric families at the supervisor's last look."""
+        self.exited: asyncio.Future[int] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -133,7 +135,7 @@ class Worker:
         return self.process is not None and self.process.returncode is None
 
     @property
-    def state(self) -> str:
+    def state(self) -> WorkerState:
         if not self.running:
             return "restarting" if self.restart_at is not None else "stopped"
         if self.reasons is None:
@@ -153,7 +155,8 @@ class Worker:
             *self.argv, env=env, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
         )
         self.started_at = self.answered_at = time.monotonic()
-        asyncio.ensure_future(self.process.wait()).add_done_callback(lambda _: on_exit())
+        self.exited = asyncio.ensure_future(self.process.wait())
+        self.exited.add_done_callback(lambda _: on_exit())
         log.info("worker %d started (pid %d)", self.index, self.process.pid)
 
     def find_url(self) -> str | None:
@@ -163,7 +166,7 @@ class Worker:
                 self.url = str(json.loads(self.status_file.read_text())["http"])
         return self.url
 
-    def signal(self, sig: signal.Signals) -> None:
+    def send(self, sig: signal.Signals) -> None:
         if self.running:
             assert self.process is not None
             with contextlib.suppress(ProcessLookupError):
@@ -305,12 +308,12 @@ class Supervisor:
                 worker.pid,
                 silent,
             )
-            worker.signal(signal.SIGKILL)
+            worker.send(signal.SIGKILL)
 
     async def _drain(self) -> int:
         running = [worker for worker in self.workers if worker.running]
         for worker in running:
-            worker.signal(signal.SIGTERM)
+            worker.send(signal.SIGTERM)
         codes = []
         for worker in running:
             assert worker.process is not None
@@ -320,7 +323,7 @@ class Supervisor:
                 )
             except TimeoutError:
                 log.error("worker %d did not finish its drain: killing it", worker.index)
-                worker.signal(signal.SIGKILL)
+                worker.send(signal.SIGKILL)
                 codes.append(await worker.process.wait())
         failed = [code for code in codes if code != 0]
         log.info("workers stopped%s", f" ({len(failed)} not cleanly)" if failed else "")
@@ -328,7 +331,7 @@ class Supervisor:
 
     async def _kill_all(self) -> None:
         for worker in self.workers:
-            worker.signal(signal.SIGKILL)
+            worker.send(signal.SIGKILL)
             if worker.process is not None:
                 await worker.process.wait()
 
