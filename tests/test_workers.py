@@ -8,6 +8,7 @@ its counts kept, and SIGTERM (or the supervisor's own death) drains them all.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -259,6 +260,68 @@ async def test_embedded_nats_is_started_once_for_all_workers(project: Path) -> N
         assert not (project / ".fnhost" / "nats.url").exists()  # the server stopped with it
     finally:
         supervised.close(worker_pids)
+
+
+async def test_sighup_restarts_the_workers_one_at_a_time_with_the_new_code(
+    started: Any, nats_server: NatsServer, project: Path
+) -> None:
+    supervised = started("--workers", "2")
+    old = {w["worker"]: w["pid"] for w in supervised.workers()}
+    version_2 = WORK.replace('"pid": os.getpid()}', '"pid": os.getpid(), "v": 2}')
+    (project / "work.py").write_text(version_2)
+
+    publishing = asyncio.ensure_future(_publish_slowly(nats_server.url, range(300)))
+    os.kill(supervised.proc.pid, signal.SIGHUP)
+    await wait_for(
+        lambda: "rolling restart done: 2 workers" in supervised.log(),
+        timeout=90,
+        message="the rolling restart finished",
+    )
+    await publishing
+    new = {w["worker"]: w["pid"] for w in supervised.workers()}
+    assert set(new.values()).isdisjoint(old.values())
+    assert supervised.ready()
+    assert supervised.metric("fnhost_worker_restarts_total") == 0  # a roll is no crash
+
+    # Worker 2 was stopped only once the new worker 1 was ready: never no worker at all.
+    log = supervised.log()
+    new_worker_1 = log.index(f"worker 1 started (pid {new[1]})")
+    ready_line = 'host ready: 2 of 2 functions running", "worker": 1'
+    worker_1_ready = log.index(ready_line, new_worker_1)
+    worker_2_drains = log.index('"SIGTERM received: draining", "worker": 2')
+    assert worker_1_ready < worker_2_drains
+
+    done = await wait_for(lambda: _all_done(nats_server.url, 300), timeout=60, message="300")
+    assert {out["n"] for out in done} == set(range(300))  # nothing lost during the roll
+    await publish_jobs(nats_server.url, range(300, 310))
+    done = await wait_for(lambda: _all_done(nats_server.url, 310), timeout=60, message="310")
+    assert all(out.get("v") == 2 for out in done if out["n"] >= 300)  # the new code runs
+    assert supervised.stop() == 0
+
+
+async def _publish_slowly(url: str, numbers: range) -> None:
+    for start in range(numbers.start, numbers.stop, 10):
+        await publish_jobs(url, range(start, min(start + 10, numbers.stop)))
+        await asyncio.sleep(0.02)
+
+
+async def test_sighup_with_a_broken_manifest_keeps_every_worker(
+    started: Any, project: Path
+) -> None:
+    supervised = started("--workers", "2")
+    before = [w["pid"] for w in supervised.workers()]
+    (project / "fn.yaml").write_text(MANIFEST.replace("concurrency: 4", "concurrency: many"))
+    os.kill(supervised.proc.pid, signal.SIGHUP)
+    wait_for_sync(
+        lambda: "has errors; every worker keeps running as it is" in supervised.log(),
+        timeout=30,
+        message="the refused roll logged",
+    )
+    assert "concurrency" in supervised.log().split("has errors")[-1]
+    assert [w["pid"] for w in supervised.workers()] == before
+    assert supervised.ready()
+    (project / "fn.yaml").write_text(MANIFEST)
+    assert supervised.stop() == 0
 
 
 def test_reload_is_refused_with_workers(project: Path) -> None:

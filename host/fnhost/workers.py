@@ -37,7 +37,13 @@ nothing up. What the supervisor does (the model is uvicorn's
   redelivered by JetStream as after any crash.
 - **Signals**: SIGTERM or SIGINT stops the restarts and SIGTERMs every worker,
   which drains as a single host does (``--grace``); the supervisor exits 0
-  when every worker drained cleanly, 1 otherwise. Workers run in their own
+  when every worker drained cleanly, 1 otherwise. SIGHUP restarts the workers
+  one at a time (a *rolling restart*: new code or a new fn.yaml without a
+  moment with no worker): fn.yaml is checked first, and a manifest with
+  errors leaves every worker as it is; each worker drains, its replacement
+  starts, and the next waits until it is ready (at most
+  :data:`ROLL_READY_TIMEOUT` seconds, else the roll stops there and says
+  why). The supervisor's own HTTP address is not re-read. Workers run in their own
   sessions, so a Ctrl-C reaches them once, through the supervisor; a worker
   whose supervisor dies (``kill -9``) notices within a second and drains.
 """
@@ -57,6 +63,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -70,8 +77,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from fnhost.embedded import EmbeddedNats
+from fnhost.errors import ManifestError
 from fnhost.http import HttpServer
-from fnhost.manifest import Manifest
+from fnhost.manifest import Manifest, load_manifest
 from fnhost_sdk.waiting import wait_for
 
 if TYPE_CHECKING:
@@ -89,6 +97,8 @@ DIES_YOUNG = 10.0
 """A worker that dies within this many seconds of its start doubles the next pause."""
 DRAIN_MARGIN = 10.0
 """Seconds past ``--grace`` a draining worker gets before it is killed."""
+ROLL_READY_TIMEOUT = 60.0
+"""Seconds a worker restarted by SIGHUP gets to become ready before the roll stops."""
 STATUS_ENV = "FNHOST_WORKER_STATUS"
 """Where a worker writes its private HTTP address (set by the supervisor)."""
 INDEX_ENV = "FNHOST_WORKER"
@@ -125,6 +135,8 @@ class Worker:
         self.metrics: list[Metric] = []
         """The worker's metric families at the supervisor's last look."""
         self.exited: asyncio.Future[int] | None = None
+        self.rolling = False
+        """Being restarted by SIGHUP: its exit is no crash."""
 
     @property
     def pid(self) -> int | None:
@@ -173,6 +185,11 @@ class Worker:
                 self.process.send_signal(sig)
 
 
+def _settled(worker: Worker) -> bool:
+    """Whether a restarted worker is ready, or has already died again."""
+    return worker.state == "ready" or not worker.running
+
+
 class Supervisor:
     """Runs ``count`` workers of one manifest until SIGTERM/SIGINT (see the module docstring)."""
 
@@ -200,12 +217,14 @@ class Supervisor:
         self._wake = asyncio.Event()
         """Set when a worker exits or a signal comes: look again before the next tick."""
         self._turn = itertools.count()
+        self._roll: asyncio.Task[None] | None = None
 
     async def serve(self) -> int:
         """Start everything, supervise until a signal, drain; return the exit code."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         async with contextlib.AsyncExitStack() as stack:
             await self._start(stack)
             while not self._stop.is_set():
@@ -213,6 +232,9 @@ class Supervisor:
                 await self._check()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._until_next_look())
+            if self._roll is not None:
+                self._roll.cancel()
+                await asyncio.gather(self._roll, return_exceptions=True)
             code = await self._drain()
         return code
 
@@ -245,6 +267,57 @@ class Supervisor:
         self._stop.set()
         self._wake.set()
 
+    def _on_hangup(self) -> None:
+        if self.stopping:
+            return
+        if self._roll is not None and not self._roll.done():
+            log.warning("SIGHUP again: a rolling restart is still going on")
+            return
+        log.info("SIGHUP received: restarting the workers one at a time")
+        self._roll = asyncio.get_running_loop().create_task(self._restart_one_by_one())
+
+    async def _restart_one_by_one(self) -> None:
+        try:
+            load_manifest(self.manifest.path)
+        except ManifestError as exc:
+            log.error(
+                "%s has errors; every worker keeps running as it is:\n%s",
+                self.manifest.path,
+                exc,
+            )
+            return
+        for worker in self.workers:
+            if worker.running:
+                worker.rolling = True
+                try:
+                    worker.send(signal.SIGTERM)
+                    await self._wait_exit(worker)
+                    await worker.start(self._wake.set)
+                finally:
+                    worker.rolling = False
+            with contextlib.suppress(AssertionError):  # wait_for's deadline: judged below
+                await wait_for(partial(_settled, worker), timeout=ROLL_READY_TIMEOUT, interval=0.1)
+            if worker.state != "ready":
+                why = "; ".join(worker.reasons or [worker.state])
+                log.error(
+                    "rolling restart stopped: worker %d is not ready (%s); "
+                    "the workers after it keep running as they were",
+                    worker.index,
+                    why,
+                )
+                return
+        log.info("rolling restart done: %d workers", len(self.workers))
+
+    async def _wait_exit(self, worker: Worker) -> int:
+        """The drained worker's exit code; killed if it outlives ``--grace``."""
+        assert worker.process is not None
+        try:
+            return await asyncio.wait_for(worker.process.wait(), self.grace + DRAIN_MARGIN)
+        except TimeoutError:
+            log.error("worker %d did not finish its drain: killing it", worker.index)
+            worker.send(signal.SIGKILL)
+            return await worker.process.wait()
+
     def _until_next_look(self) -> float:
         """Seconds to the next tick, or to the next restart due before it."""
         now = time.monotonic()
@@ -254,7 +327,7 @@ class Supervisor:
     async def _check(self) -> None:
         now = time.monotonic()
         for worker in self.workers:
-            if worker.running:
+            if worker.running or worker.rolling:
                 continue
             if worker.restart_at is None:
                 self._died(worker, now)
@@ -314,17 +387,7 @@ class Supervisor:
         running = [worker for worker in self.workers if worker.running]
         for worker in running:
             worker.send(signal.SIGTERM)
-        codes = []
-        for worker in running:
-            assert worker.process is not None
-            try:
-                codes.append(
-                    await asyncio.wait_for(worker.process.wait(), self.grace + DRAIN_MARGIN)
-                )
-            except TimeoutError:
-                log.error("worker %d did not finish its drain: killing it", worker.index)
-                worker.send(signal.SIGKILL)
-                codes.append(await worker.process.wait())
+        codes = [await self._wait_exit(worker) for worker in running]
         failed = [code for code in codes if code != 0]
         log.info("workers stopped%s", f" ({len(failed)} not cleanly)" if failed else "")
         return 1 if failed else 0
