@@ -120,15 +120,12 @@ def _host_command(
 ) -> None:
     from fnhost import workers
     from fnhost.host import Host
-    from fnhost.logs import setup_logging
 
     manifest = _load(manifest_path)
-    level = log_level or manifest.logging.level
-    fmt = manifest.logging.format if manifest.logging.format != "auto" else log_format
     # Set by a --workers supervisor for the host processes it starts.
     worker_status = os.environ.get(workers.STATUS_ENV)
     worker = int(os.environ.get(workers.INDEX_ENV, "0")) if worker_status else None
-    setup_logging("json" if fmt == "json" else "text", level, worker=worker)
+    _setup_logging(manifest, log_format, log_level, worker=worker)
     nats_url = nats or ("embedded" if force_embedded else None)
     if worker_status:
         # The supervisor serves the manifest's address; it reads this worker on a private one.
@@ -166,6 +163,17 @@ def _host_command(
         raise _fail(str(exc)) from None
     _exit_past_stuck_threads(code)
     raise typer.Exit(code)
+
+
+def _setup_logging(
+    manifest: Manifest, command_format: str, log_level: str | None, *, worker: int | None = None
+) -> None:
+    """The manifest's ``logging:``, its ``auto`` format being the command's own."""
+    from fnhost.logs import setup_logging
+
+    fmt = manifest.logging.format if manifest.logging.format != "auto" else command_format
+    level = log_level or manifest.logging.level
+    setup_logging("json" if fmt == "json" else "text", level, worker=worker)
 
 
 def _exit_past_stuck_threads(code: int) -> None:
@@ -211,11 +219,9 @@ def _supervise(
     log_level: str | None,
 ) -> None:
     from fnhost import workers
-    from fnhost.logs import setup_logging
 
     manifest = _load(manifest_path)
-    fmt = manifest.logging.format if manifest.logging.format != "auto" else "json"
-    setup_logging("json" if fmt == "json" else "text", log_level or manifest.logging.level)
+    _setup_logging(manifest, "json", log_level)
     worker_argv = [sys.executable, "-m", "fnhost", "run", str(manifest_path.resolve())]
     worker_argv += ["--grace", str(grace), "--loop", loop]
     if log_level:
@@ -275,6 +281,7 @@ def run(
             loop=loop,
             log_level=log_level,
         )
+        return
     _host_command(
         manifest,
         nats=nats_url,

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -135,6 +136,7 @@ class Worker:
         self.metrics: list[Metric] = []
         """The worker's metric families at the supervisor's last look."""
         self.exited: asyncio.Future[int] | None = None
+        """The task waiting for the process's exit, held so it is not garbage-collected."""
         self.rolling = False
         """Being restarted by SIGHUP: its exit is no crash."""
 
@@ -210,7 +212,6 @@ class Supervisor:
         self.grace = grace
         self.worker_timeout = worker_timeout
         self.workers: list[Worker] = []
-        self.stopping = False
         self.retired: dict[tuple[str, str, str], dict[SampleKey, float]] = {}
         """Counter and histogram samples of workers that died, by family (name, type, help)."""
         self._stop = asyncio.Event()
@@ -263,9 +264,13 @@ class Supervisor:
             log.warning("%s again: still draining the workers", sig.name)
             return
         log.info("%s received: draining %d workers", sig.name, self.count)
-        self.stopping = True
         self._stop.set()
         self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        """A SIGTERM/SIGINT came: no more restarts, the workers drain."""
+        return self._stop.is_set()
 
     def _on_hangup(self) -> None:
         if self.stopping:
@@ -357,7 +362,7 @@ class Supervisor:
                 continue
             kept = self.retired.setdefault((family.name, family.type, family.documentation), {})
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                key = _sample_key(sample)
                 kept[key] = kept.get(key, 0.0) + sample.value
         worker.metrics = []
 
@@ -369,9 +374,7 @@ class Supervisor:
             if readiness is not None:
                 worker.answered_at = time.monotonic()
                 worker.reasons = list(json.loads(readiness[1]).get("reasons", []))
-                metrics = await ask(url + "/metrics")
-                if metrics is not None:
-                    worker.metrics = list(text_string_to_metric_families(metrics[1].decode()))
+                await refresh_metrics(worker)
                 return
         silent = time.monotonic() - worker.answered_at
         if silent > self.worker_timeout and not self.stopping:
@@ -397,6 +400,10 @@ class Supervisor:
             worker.send(signal.SIGKILL)
             if worker.process is not None:
                 await worker.process.wait()
+
+    def reachable(self) -> list[Worker]:
+        """The running workers whose private HTTP address is known."""
+        return [worker for worker in self.workers if worker.running and worker.url]
 
     def next_ready(self) -> Worker | None:
         """A ready worker, a different one each call while several are."""
@@ -443,6 +450,17 @@ async def ask(
     return await asyncio.to_thread(call)
 
 
+async def refresh_metrics(worker: Worker) -> None:
+    """Keep the worker's metric families as its ``/metrics`` says now (if it answers)."""
+    answer = await ask(f"{worker.url}/metrics")
+    if answer is not None and answer[0] == 200:
+        worker.metrics = list(text_string_to_metric_families(answer[1].decode()))
+
+
+def _sample_key(sample: Sample) -> SampleKey:
+    return sample.name, tuple(sorted(sample.labels.items()))
+
+
 def merge_metrics(
     scrapes: Iterable[Iterable[Metric]], retired: dict[tuple[str, str, str], dict[SampleKey, float]]
 ) -> list[Metric]:
@@ -462,7 +480,7 @@ def merge_metrics(
             merged = values[family.name]
             largest = family.type == "gauge" and family.name in LARGEST_GAUGES
             for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                key = _sample_key(sample)
                 if key in merged:
                     merged[key] = (
                         max(merged[key], sample.value) if largest else merged[key] + sample.value
@@ -553,18 +571,15 @@ def build_app(supervisor: Supervisor) -> Starlette:
         return JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
-        running = [worker for worker in supervisor.workers if worker.running and worker.url]
-        answers = await asyncio.gather(*(ask(f"{worker.url}/metrics") for worker in running))
-        for worker, answer in zip(running, answers, strict=True):
-            if answer is not None and answer[0] == 200:
-                worker.metrics = list(text_string_to_metric_families(answer[1].decode()))
+        running = supervisor.reachable()
+        await asyncio.gather(*(refresh_metrics(worker) for worker in running))
         families = merge_metrics((worker.metrics for worker in running), supervisor.retired)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collected(families + _own_metrics(supervisor)))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def functions(request: Request) -> Response:
-        running = [worker for worker in supervisor.workers if worker.running and worker.url]
+        running = supervisor.reachable()
         answers = await asyncio.gather(*(ask(f"{worker.url}/functions") for worker in running))
         reports = [json.loads(answer[1]) for answer in answers if answer and answer[0] == 200]
         return JSONResponse(merge_functions(reports))
