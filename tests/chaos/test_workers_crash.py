@@ -1,15 +1,20 @@
 """F1 under ``fnhost run --workers 2``: workers ``kill -9``'d mid-stream are replaced
 and nothing is lost.
 
-The function and its oracle are F1's (``test_crash_recovery``): an insert under a
-unique constraint into SQLite plus an ``attempts`` row per execution, with the
-``kv`` idempotency store. The supervisor runs two workers on the one durable
-consumer; each is killed once at a seeded random moment (a number of effects
-reached) while 4,000 messages flow. The supervisor must start each again; every
-message's effect must exist, effects that ran twice stay within what the kills
-can cause (one per invocation in flight in the killed worker), and the
-supervisor's ``/readyz`` and ``/metrics`` must show both workers back, with
-``fnhost_worker_restarts_total`` 2. Bounded and printing its counts and seed.
+The oracle is F1's (``test_crash_recovery``): an insert under a unique
+constraint into SQLite plus an ``attempts`` row per execution, with the ``kv``
+idempotency store. The effect also notes which worker pid started each
+execution, and every ``SLOW_EVERY``-th key sleeps before its insert. The
+supervisor runs two workers on the one durable consumer; each is killed once,
+after a seeded random number of effects, at the moment it is inside a slow
+execution, so every kill is sure to cut one short (a kill timed by counts alone
+can land when all of a worker's invocations are past their effect, and then
+nothing is redelivered). The supervisor must start each again; every message's
+effect must exist, each cut key must run again on a redelivery, effects that ran
+twice stay within what the kills can cause (one per invocation in flight in the
+killed worker), and the supervisor's ``/readyz`` and ``/metrics`` must show both
+workers back, with ``fnhost_worker_restarts_total`` 2. Bounded and printing its
+counts and seed.
 """
 
 from __future__ import annotations
@@ -28,12 +33,59 @@ from fnhost_sdk.server import NatsServer
 from fnhost_sdk.waiting import wait_for, wait_for_sync
 from support.supervised import Supervised, alive
 
-from .test_crash_recovery import DEADLINE, MANIFEST, SQLITE_EFFECT, SqliteOracle
+from .test_crash_recovery import DEADLINE, MANIFEST, SqliteOracle
 
 pytestmark = [pytest.mark.nats, pytest.mark.fault, pytest.mark.slow]
 
 MESSAGES = 4_000
 CONCURRENCY = 16
+SLOW_EVERY = 50
+SLOW_SECONDS = 1.5
+"""How long a slow execution sleeps: well inside the 2 s timeout, ages for the test to kill."""
+
+WORKER_EFFECT = f"""\
+import os
+import sqlite3
+import threading
+import time
+
+_local = threading.local()
+
+
+def _db(path):
+    db = getattr(_local, "db", None)
+    if db is None:
+        db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA synchronous=NORMAL")
+        _local.db = db
+    return db
+
+
+def handle(event: dict, ctx) -> None:
+    db = _db(ctx.config["db"])
+    key = str(event["n"])
+    db.execute("INSERT INTO attempts (key, attempt) VALUES (?, ?)", (key, ctx.attempt))
+    if event["n"] % {SLOW_EVERY} == 0:
+        db.execute("INSERT INTO slow (key, pid) VALUES (?, ?)", (key, os.getpid()))
+        time.sleep({SLOW_SECONDS})
+    try:
+        db.execute("INSERT INTO effects (key) VALUES (?)", (key,))
+    except sqlite3.IntegrityError:
+        db.execute("INSERT INTO repeats (key) VALUES (?)", (key,))
+"""
+
+
+def _slow_key_in_progress(oracle: SqliteOracle, pid: int) -> str | None:
+    row = oracle.db.execute(
+        "SELECT key FROM slow WHERE pid = ? AND key NOT IN (SELECT key FROM effects)", (pid,)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _highest_attempt(oracle: SqliteOracle, key: str) -> int:
+    return int(
+        oracle.db.execute("SELECT MAX(attempt) FROM attempts WHERE key = ?", (key,)).fetchone()[0]
+    )
 
 
 async def test_workers_killed_mid_stream_are_replaced_and_nothing_is_lost(
@@ -42,19 +94,21 @@ async def test_workers_killed_mid_stream_are_replaced_and_nothing_is_lost(
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     oracle = SqliteOracle(tmp_path / "oracle.db")
+    oracle.db.execute("CREATE TABLE slow (key TEXT NOT NULL, pid INTEGER NOT NULL)")
     (tmp_path / "fn.yaml").write_text(
         MANIFEST.format(
             idempotency="{store: kv, ttl: 1h}", concurrency=CONCURRENCY, db=oracle.location
         )
     )
-    (tmp_path / "effect.py").write_text(textwrap.dedent(SQLITE_EFFECT))
-    kill_points = sorted(rng.sample(range(MESSAGES // 10, MESSAGES * 9 // 10), 2))
+    (tmp_path / "effect.py").write_text(textwrap.dedent(WORKER_EFFECT))
+    kill_points = sorted(rng.sample(range(MESSAGES // 10, MESSAGES * 7 // 10), 2))
     print(
         f"\nworkers F1 seed {seed}: worker 1 killed after {kill_points[0]} effects, "
         f"worker 2 after {kill_points[1]}"
     )
     supervised = Supervised(tmp_path, "--nats", nats_server.url, "--workers", "2")
     pids: list[int] = []
+    cut_keys: list[str] = []
     nc = await nats.connect(nats_server.url)
     try:
         wait_for_sync(supervised.ready, timeout=30, message="both workers ready")
@@ -71,7 +125,14 @@ async def test_workers_killed_mid_stream_are_replaced_and_nothing_is_lost(
                 message=f"{point} effects before killing worker {index}",
             )
             killed = supervised.pid_of(index)
+            cut = await wait_for(
+                lambda killed=killed: _slow_key_in_progress(oracle, killed),
+                timeout=DEADLINE,
+                interval=0.01,
+                message=f"worker {index} inside a slow execution",
+            )
             os.kill(killed, signal.SIGKILL)
+            cut_keys.append(cut)
             wait_for_sync(
                 lambda index=index, killed=killed: supervised.pid_of(index) != killed,
                 timeout=30,
@@ -96,12 +157,13 @@ async def test_workers_killed_mid_stream_are_replaced_and_nothing_is_lost(
         print(
             f"workers F1: {MESSAGES} messages, {effects} effects, {executions} executions "
             f"({redelivered} on a redelivery), {repeats} effects run twice (bound {bound}), "
-            f"{dead} dead letters, {restarts:.0f} worker restarts"
+            f"{dead} dead letters, {restarts:.0f} worker restarts; keys cut short {cut_keys}"
         )
         assert effects == MESSAGES  # 0 lost
         assert repeats <= bound
         assert dead == 0
-        assert redelivered >= 1  # the kills really cut invocations short
+        assert all(_highest_attempt(oracle, key) > 1 for key in cut_keys)
+        assert redelivered >= len(cut_keys)
         assert restarts == 2
         assert supervised.stop() == 0
         assert not any(alive(pid) for pid in pids)
