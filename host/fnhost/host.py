@@ -179,9 +179,9 @@ class Host:
     def build_trigger(self, runtime: FunctionRuntime) -> Trigger:
         kind = runtime.spec.trigger.kind
         if kind == "request":
-            return RequestTrigger(runtime, self.nc)
+            return RequestTrigger(runtime, self.nc, self.metrics.count_refused)
         if kind == "subject":
-            return SubjectTrigger(runtime, self.nc)
+            return SubjectTrigger(runtime, self.nc, self.metrics.count_refused)
         spec = runtime.spec
         return StreamTrigger(
             runtime,

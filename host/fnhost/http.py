@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from fnhost.manifest import GatewayConfig, HttpConfig
+from fnhost.manifest import GatewayConfig, HttpConfig, Manifest
 from fnhost_sdk import headers as h
 
 if TYPE_CHECKING:
@@ -82,13 +82,16 @@ class _DeadLetterDepth:
         return depth
 
 
-def _trigger_json(state: FunctionState) -> dict[str, Any]:
+def _trigger_json(state: FunctionState, manifest: Manifest) -> dict[str, Any]:
     trigger = state.spec.trigger
     described: dict[str, Any] = {"kind": trigger.kind}
     if trigger.kind == "stream":
-        described.update(
-            stream=trigger.stream, subjects=trigger.subjects, durable=trigger.durable_name
-        )
+        subjects: list[str] | None = trigger.subjects
+        if not subjects:
+            # No filter: the consumer reads the whole stream, whose subjects fn.yaml may name.
+            declared = manifest.streams.get(trigger.stream or "")
+            subjects = list(declared.subjects) if declared is not None else None
+        described.update(stream=trigger.stream, subjects=subjects, durable=trigger.durable_name)
     else:
         described.update(subject=trigger.request or trigger.subject, queue=trigger.queue_group)
     return described
@@ -110,7 +113,7 @@ async def functions_json(host: Host, dead_letters: _DeadLetterDepth) -> list[dic
         found.append(
             {
                 "name": name,
-                "trigger": _trigger_json(state),
+                "trigger": _trigger_json(state, host.manifest),
                 "version": state.runtime.version if state.runtime else None,
                 "status": state.status,
                 "error": state.error,

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fnhost.metrics")
 
-OUTCOMES = ("ack", "nak", "term", "dead_letter", "duplicate", "reply", "error")
+OUTCOMES = ("ack", "nak", "term", "dead_letter", "duplicate", "reply", "error", "refused")
 PENDING_REFRESH = 5.0
 """Seconds between consumer-info refreshes of the pending gauges."""
 
@@ -189,6 +189,10 @@ class HostMetrics:
         """One dead-letter copy stored, counted where its PubAck arrives: a copy that
         could not be stored counts nothing, one stored by both paths counts once."""
         self.stats(function).dead_lettered += 1
+
+    def count_refused(self, function: str) -> None:
+        """A core message a draining host turned away (503 to a request): it ran no chain."""
+        self.stats(function).outcomes["refused"] += 1
 
     def count_publish(self, subject: str, headers: dict[str, str]) -> None:
         published = self.published

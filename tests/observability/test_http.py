@@ -46,7 +46,7 @@ functions:
   consume:
     module: fn.py
     handler: consume
-    trigger: {stream: IN, subjects: ["in.>"], durable: consume}
+    trigger: {stream: IN, durable: consume}
     dead_letter: dlq.consume
   traced:
     module: fn.py

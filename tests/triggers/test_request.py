@@ -593,6 +593,8 @@ async def test_requests_queued_when_the_drain_starts_get_503(
             assert reply.headers[CODE] == "503"
             assert "draining" in reply.headers[ERROR]
         assert module.STARTED == [1], "the queued requests never ran"
+        counts = host.metrics.counts("slow")
+        assert (counts["reply"], counts["refused"]) == (1, 2)  # every message under one outcome
     finally:
         await drain
 

@@ -9,6 +9,7 @@ the function is at its concurrency limit waits in the client's buffer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -28,8 +29,11 @@ PENDING_MSGS_LIMIT = 65_536
 class CoreTrigger(Trigger):
     """A core subscription that runs each message as its own task, up to ``concurrency``."""
 
-    def __init__(self, runtime: FunctionRuntime, nc: NatsClient) -> None:
+    def __init__(
+        self, runtime: FunctionRuntime, nc: NatsClient, on_refused: Callable[[str], None]
+    ) -> None:
         super().__init__(runtime, nc)
+        self._on_refused = on_refused
         trigger = runtime.spec.trigger
         self.subject = trigger.request or trigger.subject or ""
         self._sub: Subscription | None = None
@@ -65,15 +69,19 @@ class CoreTrigger(Trigger):
         slots = self.slots
         if slots.in_use >= slots.capacity:
             if not await slots.acquire():
-                await self.refuse(msg)
+                await self._turn_away(msg)
                 return
         else:
             slots.in_use += 1
         if self.status == "draining":
             slots.release()
-            await self.refuse(msg)
+            await self._turn_away(msg)
             return
         self.enqueue(msg)
+
+    async def _turn_away(self, msg: Msg) -> None:
+        self._on_refused(self.name)
+        await self.refuse(msg)
 
     async def handle(self, msg: Msg) -> None:
         runtime = self.runtime
