@@ -33,7 +33,7 @@ from fnhost_sdk.server import NatsServer
 from fnhost_sdk.waiting import wait_for, wait_for_sync
 from support.supervised import Supervised, alive
 
-from .test_crash_recovery import DEADLINE, MANIFEST, SqliteOracle
+from .test_crash_recovery import DEADLINE, MANIFEST, SQLITE_EFFECT, SqliteOracle
 
 pytestmark = [pytest.mark.nats, pytest.mark.fault, pytest.mark.slow]
 
@@ -43,36 +43,18 @@ SLOW_EVERY = 50
 SLOW_SECONDS = 1.5
 """How long a slow execution sleeps: well inside the 2 s timeout, ages for the test to kill."""
 
-WORKER_EFFECT = f"""\
-import os
-import sqlite3
-import threading
-import time
-
-_local = threading.local()
-
-
-def _db(path):
-    db = getattr(_local, "db", None)
-    if db is None:
-        db = sqlite3.connect(path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA synchronous=NORMAL")
-        _local.db = db
-    return db
-
-
-def handle(event: dict, ctx) -> None:
-    db = _db(ctx.config["db"])
-    key = str(event["n"])
-    db.execute("INSERT INTO attempts (key, attempt) VALUES (?, ?)", (key, ctx.attempt))
+SLOW_EXECUTION = f"""\
     if event["n"] % {SLOW_EVERY} == 0:
+        import os
+        import time
+
         db.execute("INSERT INTO slow (key, pid) VALUES (?, ?)", (key, os.getpid()))
         time.sleep({SLOW_SECONDS})
-    try:
-        db.execute("INSERT INTO effects (key) VALUES (?)", (key,))
-    except sqlite3.IntegrityError:
-        db.execute("INSERT INTO repeats (key) VALUES (?)", (key,))
 """
+BEFORE_EFFECT = "    try:\n"
+assert SQLITE_EFFECT.count(BEFORE_EFFECT) == 1
+WORKER_EFFECT = SQLITE_EFFECT.replace(BEFORE_EFFECT, SLOW_EXECUTION + BEFORE_EFFECT)
+"""F1's effect, with every ``SLOW_EVERY``-th key noting its worker pid and sleeping first."""
 
 
 def _slow_key_in_progress(oracle: SqliteOracle, pid: int) -> str | None:
