@@ -35,6 +35,7 @@ from pathlib import Path
 
 import nats
 import nats.errors
+import nats.js
 import pytest
 
 from fnhost_sdk.server import NatsServer
@@ -164,6 +165,9 @@ class SqliteOracle:
     def count(self, what: str) -> int:
         return int(self.db.execute(QUERIES[what]).fetchone()[0])
 
+    def sessions(self) -> list[tuple[object, ...]]:
+        return []  # SQLite has no server to ask
+
     def close(self) -> None:
         self.db.close()
 
@@ -181,6 +185,14 @@ class PostgresOracle:
         row = self.db.execute(QUERIES[what]).fetchone()
         assert row is not None
         return int(row[0])
+
+    def sessions(self) -> list[tuple[object, ...]]:
+        """The database's other sessions that are not idle: state, wait, transaction age, query."""
+        return self.db.execute(
+            "SELECT pid, state, wait_event_type, wait_event, now() - xact_start,"
+            " left(query, 120) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'"
+        ).fetchall()
 
     def close(self) -> None:
         self.db.close()
@@ -265,10 +277,29 @@ async def run_f1(
         )
     except BaseException:
         host.print_tail()
+        await _print_state(nc.jetstream(), oracle)
         raise
     finally:
         host.close()
         await nc.close()
+
+
+async def _print_state(js: nats.js.JetStreamContext, oracle: Oracle) -> None:
+    """What a stalled run was waiting on: the consumer, the oracle, the database's sessions."""
+    try:
+        info = await js.consumer_info("IN", "effect", timeout=5)
+        print(
+            f"consumer: {info.num_pending} pending, {info.num_ack_pending} ack pending, "
+            f"{info.num_redelivered} redelivered, {info.num_waiting} pulls waiting"
+        )
+    except Exception as exc:
+        print(f"consumer info unavailable: {exc!r}")
+    try:
+        print({what: oracle.count(what) for what in QUERIES})
+        for row in oracle.sessions():
+            print("database session:", row)
+    except Exception as exc:
+        print(f"oracle unavailable: {exc!r}")
 
 
 def _report(label: str, counts: Counts, bound: int | None = None) -> None:
