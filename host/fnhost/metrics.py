@@ -191,7 +191,8 @@ class HostMetrics:
         self.stats(function).dead_lettered += 1
 
     def count_refused(self, function: str) -> None:
-        """A core message a draining host turned away (503 to a request): it ran no chain."""
+        """A core message a draining host turned away unrun: a 503 to a request; a subject
+        message is dropped (core NATS is at-most-once)."""
         self.stats(function).outcomes["refused"] += 1
 
     def count_publish(self, subject: str, headers: dict[str, str]) -> None:
