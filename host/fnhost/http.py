@@ -129,19 +129,28 @@ async def functions_json(host: Host, dead_letters: _DeadLetterDepth) -> list[dic
     return found
 
 
+def readiness_response(reasons: list[str]) -> JSONResponse:
+    """``/readyz``: 200 when nothing is wrong, else 503 with the reasons."""
+    if reasons:
+        return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+def status_page_html() -> str:
+    """The status page, which reads ``/functions`` and ``/readyz`` from the browser."""
+    return resources.files("fnhost").joinpath("static/status.html").read_text()
+
+
 def build_app(host: Host) -> Starlette:
     """The Starlette app of one host."""
     dead_letters = _DeadLetterDepth(host)
-    page = resources.files("fnhost").joinpath("static/status.html").read_text()
+    page = status_page_html()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "alive"})
 
     async def readyz(request: Request) -> Response:
-        reasons = readiness(host)
-        if reasons:
-            return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        return readiness_response(readiness(host))
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(host.metrics.registry), media_type=CONTENT_TYPE_LATEST)

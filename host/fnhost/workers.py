@@ -64,7 +64,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -79,7 +78,7 @@ from starlette.routing import Route
 
 from fnhost.embedded import EmbeddedNats
 from fnhost.errors import ManifestError
-from fnhost.http import HttpServer
+from fnhost.http import HttpServer, readiness_response, status_page_html
 from fnhost.manifest import Manifest, load_manifest
 from fnhost_sdk.waiting import wait_for
 
@@ -555,7 +554,7 @@ PROXIED_HEADERS = ("content-type", "authorization", "traceparent", "tracestate")
 
 def build_app(supervisor: Supervisor) -> Starlette:
     """The supervisor's HTTP face (see the module docstring)."""
-    page = resources.files("fnhost").joinpath("static/status.html").read_text()
+    page = status_page_html()
 
     async def healthz(request: Request) -> Response:
         workers = [
@@ -565,10 +564,7 @@ def build_app(supervisor: Supervisor) -> Starlette:
         return JSONResponse({"status": "alive", "workers": workers})
 
     async def readyz(request: Request) -> Response:
-        reasons = supervisor.readiness()
-        if reasons:
-            return JSONResponse({"status": "not ready", "reasons": reasons}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        return readiness_response(supervisor.readiness())
 
     async def metrics(request: Request) -> Response:
         running = supervisor.reachable()
