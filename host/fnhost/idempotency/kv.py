@@ -1,17 +1,19 @@
 """``store: kv`` (the default): keys and leases in a JetStream key-value bucket.
 
 No server beyond NATS. One KV entry per key, whose value says what it is:
-``L<expires>`` a lease, ``D<expires>`` a record (epoch seconds). Every change
-is a compare-and-set on the entry's revision (``Nats-Expected-Last-Subject-
-Sequence``), so the server decides races:
+``L<expires>`` a lease, ``D<expires>`` a record (epoch seconds). Every lease
+change is a compare-and-set on the entry's revision (``Nats-Expected-Last-
+Subject-Sequence``), so the server decides races:
 
 - begin: *create* (expected revision 0) writes our lease in one round trip
   for a key never seen; if the key exists, read it: a live record is
   ``DONE``, a live lease ``LEASED``, an expired one is overwritten with our
   lease at the revision we read (if someone else got there first, read again).
-- record: our lease -> a record, at our lease's revision; if the revision
-  moved (our lease expired and another delivery took it), the record is
-  written anyway: the effect happened, and remembering it is right.
+- record: the record is written whatever the entry holds now, with no
+  compare-and-set: the effect happened, so remembering it is right even if
+  our lease expired and another delivery took it meanwhile. (A conditional
+  write would end in the same record, one round trip later when the lease
+  moved, and costs the server a check on every message.)
 - release: our lease -> an expired lease, at our lease's revision (nothing if
   it moved); an expired entry is free for the next begin.
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
-log = logging.getLogger("fnhost.idempotency")
 
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST = (10071, 10164)
@@ -179,11 +179,7 @@ class KVStore:
         subject = self._prefix + key
         value = b"D%.3f" % (time.time() + ttl)
         try:
-            try:
-                await _put(writes, subject, value, int(token))
-            except WrongLast:
-                log.info("idempotency key %s: our lease was taken over; recording anyway", key)
-                await _put(writes, subject, value, None)
+            await _put(writes, subject, value, None)
         except nats.errors.Error as exc:
             raise StoreUnavailable(_why(exc)) from exc
 
