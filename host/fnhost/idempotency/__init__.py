@@ -17,9 +17,10 @@ a lease, when to record, what to do when the store is down):
 
 Every store raises :class:`StoreUnavailable` when it cannot be reached, and
 nothing else for a network fault. Stores are shared by all the functions of
-one host that name the same store (and bucket or URL); they hold no per-key
-Python state except the memory store, so concurrent invocations await their
-store calls concurrently.
+one host that name the same store (and bucket or URL); concurrent
+invocations await their store calls concurrently. Only the memory store keeps
+its keys in Python; the kv store keeps its live leases and open record groups
+(what a record needs to find its group write).
 
 One module per store: :mod:`.memory`, :mod:`.kv`, :mod:`.redis`,
 :mod:`.postgres` (the last two import their client library only when used).
@@ -57,7 +58,8 @@ State: TypeAlias = Literal["new", "done", "leased"]
 
 Token: TypeAlias = int | str
 """What proves a lease is ours to :meth:`Store.record` and :meth:`Store.release`:
-the KV revision we wrote, or the holder id (memory, Redis, PostgreSQL)."""
+the kv store's number for the lease it holds, or the holder id (memory, Redis,
+PostgreSQL)."""
 
 KeyEncoder: TypeAlias = Callable[[str], str]
 """Turns a message's raw idempotency key into the store's key for one function."""

@@ -1,19 +1,33 @@
 """``store: kv`` (the default): keys and leases in a JetStream key-value bucket.
 
-No server beyond NATS. One KV entry per key, whose value says what it is:
-``L<expires>`` a lease, ``D<expires>`` a record (epoch seconds). Every lease
-change is a compare-and-set on the entry's revision (``Nats-Expected-Last-
-Subject-Sequence``), so the server decides races:
+No server beyond NATS. One KV entry per key holds its lease, and records are
+stored in *groups*, so that a message costs one write of its own:
+
+- ``L<expires> <group>``: a lease (``expires`` in epoch seconds) whose record,
+  once the handler succeeds, goes into the group entry ``<group>``;
+- ``=records.<holder>.<n>`` (a *group*, one KV entry per up to
+  :data:`GROUP_SIZE` leases a host takes in a row): the records of those
+  leases, one line ``<key> <expires>`` each. The host rewrites the whole
+  entry (one write in flight per group, each holding every record so far) as
+  records come in, so the records of all the invocations that finish while
+  one write travels go to the server in the next one;
+- ``D<expires>``: a record in the key's own entry (below), also how fnhost
+  before record groups stored every record.
+
+Lease changes are compare-and-set on the entry's revision
+(``Nats-Expected-Last-Subject-Sequence``), so the server decides races:
 
 - begin: *create* (expected revision 0) writes our lease in one round trip
-  for a key never seen; if the key exists, read it: a live record is
-  ``DONE``, a live lease ``LEASED``, an expired one is overwritten with our
-  lease at the revision we read (if someone else got there first, read again).
-- record: the record is written whatever the entry holds now, with no
-  compare-and-set: the effect happened, so remembering it is right even if
-  our lease expired and another delivery took it meanwhile. (A conditional
-  write would end in the same record, one round trip later when the lease
-  moved, and costs the server a check on every message.)
+  for a key never seen. If the key exists, read it (and the group its lease
+  names): a live record is ``DONE``, a live lease ``LEASED``, an expired one
+  is overwritten with our lease at the revision we read (if someone else got
+  there first, read again).
+- record: add the key to its lease's group and wait until a write of the
+  group holding it is stored; only then is the message acked. If our lease
+  ran out before that, another delivery may have taken the key over and
+  pointed it at its own group, so the record is also written into the key's
+  own entry (``D``), whatever the entry holds: the effect happened, so
+  remembering it is right.
 - release: our lease -> an expired lease, at our lease's revision (nothing if
   it moved); an expired entry is free for the next begin.
 
@@ -32,7 +46,9 @@ stored).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -56,6 +72,11 @@ _WRONG_LAST = (10071, 10164)
 _RACE_ROUNDS = 16
 TIMEOUT = 5.0
 """Seconds to wait for the server's answer to one store operation."""
+GROUP_SIZE = 64
+"""Leases a host takes in a row whose records share one group entry."""
+GROUP_PREFIX = "=records"
+"""Group entries' keys start with this; ``=`` never starts a function's key
+(function names are ``[A-Za-z0-9_-]+``)."""
 
 
 class WrongLast(Exception):
@@ -86,6 +107,38 @@ async def _put(replies: Replies, subject: str, value: bytes, last: int | None) -
 _DIGITS = frozenset(b"0123456789")
 
 
+class _Group:
+    """The records of up to :data:`GROUP_SIZE` leases, stored as one KV entry."""
+
+    __slots__ = (
+        "lease_suffix",
+        "lines",
+        "subject",
+        "taken",
+        "waiters",
+        "writer",
+    )
+
+    def __init__(self, key: str, subject: str) -> None:
+        self.subject = subject
+        self.lease_suffix = b" " + key.encode()
+        self.taken = 0  # leases ever pointed at this group
+        self.lines: list[bytes] = []
+        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.writer: asyncio.Task[None] | None = None
+
+
+class _Lease:
+    """One of our live leases: what its token stands for."""
+
+    __slots__ = ("expires", "group", "revision")
+
+    def __init__(self, group: _Group, revision: int, expires: float) -> None:
+        self.group = group
+        self.revision = revision
+        self.expires = expires
+
+
 class KVStore:
     """Keys in the JetStream KV bucket ``bucket``."""
 
@@ -110,6 +163,10 @@ class KVStore:
         self._managed = managed
         self._prefix = f"$KV.{bucket}."
         self._kv: KeyValue | None = None
+        self._filling: _Group | None = None
+        self._numbers = itertools.count(1)
+        self._leases: dict[Token, _Lease] = {}
+        self._tokens = itertools.count(1)
 
     def encoder(self, function: str) -> KeyEncoder:
         prefix = f"{function}."
@@ -148,9 +205,12 @@ class KVStore:
     async def begin(self, key: str, lease_ttl: float) -> Begin:
         writes = self._open()
         subject = self._prefix + key
+        group = self._group_for_lease()
         try:
+            expires = time.time() + lease_ttl
             try:
-                return new(await _put(writes, subject, b"L%.3f" % (time.time() + lease_ttl), 0))
+                revision = await _put(writes, subject, _lease(expires, group), 0)
+                return new(self._hold(group, revision, expires))
             except WrongLast:
                 pass
             kv = self._bucket()
@@ -161,13 +221,23 @@ class KVStore:
                 except nats.js.errors.KeyNotFoundError as missing:
                     value = b""
                     revision = (missing.entry.revision or 0) if missing.entry else 0
-                expires = _expiry(value)
+                kind, expires_at, recorded_in = _parse(value)
                 now = time.time()
-                if expires > now:
-                    return DONE if value[:1] == b"D" else leased(expires)
+                if kind == b"D" and expires_at > now:
+                    return DONE
+                if recorded_in:
+                    # A lease whose key is in its group is finished, live lease or not.
+                    recorded_until = await _record_in_group(kv, recorded_in, key)
+                    if recorded_until is not None:
+                        if recorded_until > now:
+                            return DONE
+                        expires_at = recorded_until
+                if expires_at > now:
+                    return leased(expires_at)
+                expires = now + lease_ttl
                 try:
-                    lease = b"L%.3f" % (now + lease_ttl)
-                    return new(await _put(writes, subject, lease, revision))
+                    revision = await _put(writes, subject, _lease(expires, group), revision)
+                    return new(self._hold(group, revision, expires))
                 except WrongLast:
                     continue
             raise StoreUnavailable(f"key {key} changed {_RACE_ROUNDS} times while we read it")
@@ -176,16 +246,27 @@ class KVStore:
 
     async def record(self, key: str, token: Token, ttl: float) -> None:
         writes = self._open()
-        subject = self._prefix + key
-        value = b"D%.3f" % (time.time() + ttl)
+        expires = time.time() + ttl
+        lease = self._leases.pop(token, None)
         try:
-            await _put(writes, subject, value, None)
+            if lease is not None:
+                group = lease.group
+                group.lines.append(b"%s %.3f\n" % (key.encode(), expires))
+                await self._stored(group, len(group.lines))
+                if time.time() < lease.expires:
+                    return
+            # Our lease ran out before the record was stored (the key may now point at
+            # another holder's group), or it is not one of ours: record in the key's entry.
+            await _put(writes, self._prefix + key, b"D%.3f" % expires, None)
         except nats.errors.Error as exc:
             raise StoreUnavailable(_why(exc)) from exc
 
     async def release(self, key: str, token: Token) -> None:
+        lease = self._leases.pop(token, None)
+        if lease is None:
+            return  # not a live lease of ours: nothing to release
         try:
-            await _put(self._open(), self._prefix + key, b"L0", int(token))
+            await _put(self._open(), self._prefix + key, b"L0", lease.revision)
         except WrongLast:
             pass  # no longer ours: nothing to release
         except nats.errors.Error as exc:
@@ -208,12 +289,96 @@ class KVStore:
             raise StoreUnavailable(f"KV bucket {self.bucket} is not open")
         return self._kv
 
+    def _group_for_lease(self) -> _Group:
+        group = self._filling
+        if group is None or group.taken >= GROUP_SIZE:
+            key = f"{GROUP_PREFIX}.{self._holder}.{next(self._numbers)}"
+            group = self._filling = _Group(key, self._prefix + key)
+            self._forget_lapsed_leases()
+        group.taken += 1
+        return group
 
-def _expiry(value: bytes) -> float:
+    def _hold(self, group: _Group, revision: int, expires: float) -> int:
+        """Register a lease we took; its token is the key to it."""
+        token = next(self._tokens)
+        self._leases[token] = _Lease(group, revision, expires)
+        return token
+
+    def _forget_lapsed_leases(self) -> None:
+        # An invocation cancelled mid-run (a drain past its grace) neither records nor
+        # releases. Forgetting its lapsed lease is safe: a record with a token we do not
+        # know goes to the key's own entry, and a release of it does nothing.
+        now = time.time()
+        lapsed = [token for token, lease in self._leases.items() if lease.expires < now]
+        for token in lapsed:
+            del self._leases[token]
+
+    async def _stored(self, group: _Group, count: int) -> None:
+        """Wait until a write of ``group`` holding its first ``count`` lines is stored."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        group.waiters.append((count, waiter))
+        if group.writer is None:
+            group.writer = loop.create_task(self._write_group(group))
+        await waiter
+
+    async def _write_group(self, group: _Group) -> None:
+        # One write of a group in flight at a time: each holds every line so far,
+        # so a later write never lands before an earlier one and loses lines.
+        try:
+            writes = self._open()
+            while group.waiters:
+                count = len(group.lines)
+                await _put(writes, group.subject, b"".join(group.lines), None)
+                waiting = []
+                for wanted, waiter in group.waiters:
+                    if wanted > count:
+                        waiting.append((wanted, waiter))
+                    elif not waiter.done():
+                        waiter.set_result(None)
+                group.waiters = waiting
+        except (StoreUnavailable, nats.errors.Error) as exc:
+            failure = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(_why(exc))
+            for _, waiter in group.waiters:
+                if not waiter.done():
+                    waiter.set_exception(failure)
+            group.waiters = []
+        finally:
+            group.writer = None
+
+
+def _lease(expires: float, group: _Group) -> bytes:
+    return b"L%.3f" % expires + group.lease_suffix
+
+
+def _parse(value: bytes) -> tuple[bytes, float, str]:
+    """(``L`` or ``D`` or ``b""``, its expiry, the group a lease records into or ``""``)."""
+    kind = value[:1]
+    if kind not in (b"L", b"D"):
+        return b"", 0.0, ""
+    expiry, _, group = value[1:].partition(b" ")
     try:
-        return float(value[1:]) if value[:1] in (b"L", b"D") else 0.0
+        return kind, float(expiry), group.decode()
     except ValueError:
-        return 0.0
+        return b"", 0.0, ""
+
+
+async def _record_in_group(kv: KeyValue, group: str, key: str) -> float | None:
+    """The expiry of ``key``'s record in the group entry ``group``; None if it has none."""
+    try:
+        entry = await kv.get(group)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    lines = b"\n" + (entry.value or b"")
+    at = lines.find(b"\n%s " % key.encode())
+    if at < 0:
+        return None
+    start = at + len(key) + 2
+    end = lines.find(b"\n", start)
+    try:
+        return float(lines[start : end if end >= 0 else None])
+    except ValueError:
+        return None
 
 
 def _why(exc: BaseException) -> str:
