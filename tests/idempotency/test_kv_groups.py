@@ -5,50 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from fnhost.idempotency import StoreUnavailable
-from fnhost.idempotency.kv import GROUP_PREFIX, GROUP_SIZE, KVStore
+from fnhost.idempotency.kv import GROUP_PREFIX, GROUP_SIZE
 from fnhost_sdk.waiting import wait_for
 
-pytestmark = pytest.mark.nats
+from .conftest import KV_BUCKET, StoreFactory
 
-BUCKET = "idem_groups"
-StoreMaker = Callable[[str], Awaitable[KVStore]]
-
-
-@pytest.fixture
-async def make_store(nc: NatsClient) -> AsyncIterator[StoreMaker]:
-    """KV stores on one bucket; each call is another host (its own holder id)."""
-    stores: list[KVStore] = []
-    js = nc.jetstream()
-
-    async def make(holder: str) -> KVStore:
-        store = KVStore(lambda: js, BUCKET, holder, nc=lambda: nc, ttl=3600)
-        await store.start()
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
+pytestmark = [pytest.mark.nats, pytest.mark.parametrize("make_store", ["kv"], indirect=True)]
 
 
 async def _entries(js: JetStreamContext) -> dict[str, bytes]:
-    kv = await js.key_value(BUCKET)
+    kv = await js.key_value(KV_BUCKET)
     return {key: (await kv.get(key)).value or b"" for key in await kv.keys()}
 
 
 async def _writes(js: JetStreamContext) -> int:
-    return (await js.stream_info(f"KV_{BUCKET}")).state.last_seq
+    return (await js.stream_info(f"KV_{KV_BUCKET}")).state.last_seq
 
 
 async def test_concurrent_records_share_group_writes_and_every_host_sees_them(
-    make_store: StoreMaker, nc: NatsClient
+    make_store: StoreFactory, nc: NatsClient
 ) -> None:
     a, b = await make_store("a"), await make_store("b")
     encode = a.encoder("fn")
@@ -73,7 +54,7 @@ async def test_concurrent_records_share_group_writes_and_every_host_sees_them(
 
 
 async def test_leases_past_a_group_size_start_a_new_group(
-    make_store: StoreMaker, nc: NatsClient
+    make_store: StoreFactory, nc: NatsClient
 ) -> None:
     store = await make_store("a")
     encode = store.encoder("fn")
@@ -85,7 +66,7 @@ async def test_leases_past_a_group_size_start_a_new_group(
 
 
 async def test_a_record_after_the_lease_ran_out_goes_to_the_keys_own_entry(
-    make_store: StoreMaker, nc: NatsClient
+    make_store: StoreFactory, nc: NatsClient
 ) -> None:
     a, b, c = await make_store("a"), await make_store("b"), await make_store("c")
     key = a.encoder("fn")("slow")
@@ -101,7 +82,7 @@ async def test_a_record_after_the_lease_ran_out_goes_to_the_keys_own_entry(
 
 
 async def test_a_record_with_a_token_the_store_does_not_hold_still_records(
-    make_store: StoreMaker,
+    make_store: StoreFactory,
 ) -> None:
     a, b = await make_store("a"), await make_store("b")
     key = a.encoder("fn")("unknown-token")
@@ -111,11 +92,11 @@ async def test_a_record_with_a_token_the_store_does_not_hold_still_records(
 
 
 async def test_a_group_write_that_fails_fails_the_record(
-    make_store: StoreMaker, nc: NatsClient
+    make_store: StoreFactory, nc: NatsClient
 ) -> None:
     store = await make_store("a")
     key = store.encoder("fn")("lost-bucket")
     begin = await store.begin(key, 30)
-    await nc.jetstream().delete_key_value(BUCKET)
+    await nc.jetstream().delete_key_value(KV_BUCKET)
     with pytest.raises(StoreUnavailable):
         await store.record(key, begin.token, 3600)
