@@ -2,7 +2,7 @@
 
     python bench/stores.py [--rounds 3] [--messages 20000] [--loop uvloop|asyncio]
                            [--only none,round-trip,memory,kv,redis,postgres]
-                           [--sync always|default] [--hosts 1]
+                           [--sync always|default] [--hosts 1] [--concurrency N]
 
 The function is workload B of ``run.py`` (``bench/functions.py:consume``:
 decode the JSON, return; the host acks), run by ``python -m fnhost run`` with
@@ -25,7 +25,10 @@ the driver's first look at the consumer, per message acked since) with the
 store's share of it (the difference to ``none``), and nats-server's CPU time
 per message, counted the same way. ``--hosts N`` runs N host processes on the
 same manifest, sharing the durable consumer as several fnhost hosts do; their
-CPU is added up. ``--sync default`` runs
+CPU is added up. ``--concurrency N`` sets the function's ``concurrency``
+(and so its ``max_ack_pending`` and pull size, which follow it) in every
+trial: how many messages are in flight at once decides how many of them
+share each socket write and read. ``--sync default`` runs
 nats-server with its default fsync interval instead of ``sync_interval:
 always``, which separates the host's own cost per message from the server's
 fsync per KV write. Writes bench/results/stores-sync-<always|default>.json.
@@ -121,7 +124,7 @@ functions:
   bench-consume:
     module: {module}
     handler: {handler}
-    trigger: {{stream: BENCH, subjects: ["bench.events.>"], durable: bench-consume}}
+{concurrency}    trigger: {{stream: BENCH, subjects: ["bench.events.>"], durable: bench-consume}}
 {extra}"""
 
 
@@ -133,7 +136,7 @@ def _databases() -> Any:
     return databases
 
 
-def manifest_for(store: str, trial: str, urls: dict[str, str]) -> str:
+def manifest_for(store: str, trial: str, urls: dict[str, str], concurrency: int | None) -> str:
     handler, extra = "consume", ""
     if store == ROUND_TRIP:
         handler, extra = "forward", "    output: bench.out.forward\n"
@@ -145,6 +148,7 @@ def manifest_for(store: str, trial: str, urls: dict[str, str]) -> str:
     return MANIFEST.format(
         module=BENCH_DIR / "functions.py",
         handler=handler,
+        concurrency="" if concurrency is None else f"    concurrency: {concurrency}\n",
         extra=extra,
         output_stream=OUTPUT_STREAM,
     )
@@ -165,7 +169,7 @@ async def trial(
             await js.delete_stream(OUTPUT_STREAM)
         name = f"b_{store}_{round_no}"
         manifest = workdir / f"{name}.yaml"
-        manifest.write_text(manifest_for(store, name, urls))
+        manifest.write_text(manifest_for(store, name, urls, args.concurrency))
         argv = [sys.executable, "-m", "fnhost", "run", str(manifest), "--nats", url]
         hosts = [
             Process(
@@ -371,6 +375,7 @@ def print_report(
         f"\nnats-server {meta['nats_server']}, nats-py {meta['nats_py']}, Python {meta['python']}, "
         f"loop {meta['loop']}, {meta['cpus']} CPUs, nats-server sync {meta['nats_sync']}; "
         f"{meta['messages']:,} messages per trial, {meta['hosts']} host process(es), "
+        f"concurrency {meta['concurrency'] or 'default (64)'}, "
         f"median of {meta['rounds']} round(s)\n"
     )
     header = f"{'store':<11}{'msgs/s':>10}{'min':>10}{'max':>10}{'vs none':>9}"
@@ -429,11 +434,16 @@ def parse_args() -> argparse.Namespace:
         default=1,
         help="host processes sharing the function's durable consumer (default 1)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help="the function's concurrency (default: the manifest default, 64)",
+    )
     args = parser.parse_args()
     args.stores = comma_choice(parser, "--only", args.only, STORES)
     check_loop(parser, args.loop)
-    if min(args.rounds, args.messages, args.hosts) < 1:
-        parser.error("--rounds, --messages and --hosts must be at least 1")
+    if min(args.rounds, args.messages, args.hosts, args.concurrency or 1) < 1:
+        parser.error("--rounds, --messages, --hosts and --concurrency must be at least 1")
     return args
 
 
@@ -467,6 +477,7 @@ async def main(args: argparse.Namespace) -> int:
         "kv_ceiling_cpu_us_per_write": ceiling.cpu_us_per_write,
         "kv_ceiling_server_cpu_us_per_write": ceiling.server_cpu_us_per_write,
         "hosts": args.hosts,
+        "concurrency": args.concurrency,
         "ping_pong_us": ping_pong.wall_us,
         "ping_pong_cpu_us": ping_pong.cpu_us,
     }
