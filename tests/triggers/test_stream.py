@@ -489,6 +489,76 @@ async def test_blocked_handlers_hold_no_more_messages_than_their_slots(
     assert (await consumer(js)).num_redelivered == 0
 
 
+LOOP_TURNS_COUNTED = """    import asyncio
+
+    LOOP_TURNS = [0]
+    STARTED_AT_TURN = []
+    GATE = asyncio.Event()
+
+
+    async def count_loop_turns() -> None:
+        while not GATE.is_set():
+            LOOP_TURNS[0] += 1
+            await asyncio.sleep(0)
+
+
+    async def handle(data: dict) -> None:
+        if not STARTED_AT_TURN:
+            asyncio.get_running_loop().create_task(count_loop_turns())
+        STARTED_AT_TURN.append(LOOP_TURNS[0])
+        await GATE.wait()
+"""
+
+WORKER_NAMES = """    import asyncio
+
+    WORKERS = []
+
+
+    async def handle(data: dict) -> None:
+        task = asyncio.current_task()
+        WORKERS.append(task.get_name() if task else "")
+"""
+
+
+async def burst_waiting(js: JetStreamContext, count: int) -> None:
+    """``count`` messages in stream IN before the host starts: its first pull gets them all."""
+    await js.add_stream(name="IN", subjects=["in.>"], duplicate_window=3600)
+    for i in range(count):
+        await js.publish("in.a", json.dumps({"i": i}).encode())
+
+
+async def test_a_burst_of_handlers_that_suspend_starts_within_a_few_loop_turns(
+    host_factory, js: JetStreamContext
+) -> None:
+    """64 messages at once to 64 handlers that suspend at their first await (as one
+    waiting for its idempotency lease does): the workers wake 1, 4, 16, ... a loop turn,
+    so all 64 start within a few turns of the first, and their first writes leave the
+    host together. Woken one at a time, the 64th started 63 turns after the first."""
+    await burst_waiting(js, 64)
+    host = await host_factory(manifest(concurrency="64"), {"fn.py": LOOP_TURNS_COUNTED})
+    module = module_of(host)
+    try:
+        await wait_for(lambda: len(module.STARTED_AT_TURN) == 64, message="64 handlers running")
+        assert max(module.STARTED_AT_TURN) <= 16, module.STARTED_AT_TURN
+    finally:
+        module.GATE.set()
+    await settled(js, total=64)
+
+
+async def test_a_burst_of_quick_handlers_runs_in_a_few_workers(
+    host_factory, js: JetStreamContext
+) -> None:
+    """64 messages at once to handlers that never suspend: the first woken worker runs
+    them back to back (no task switch per message); the workers it wakes find the
+    backlog empty."""
+    await burst_waiting(js, 64)
+    host = await host_factory(manifest(concurrency="64"), {"fn.py": WORKER_NAMES})
+    module = module_of(host)
+    await wait_for(lambda: len(module.WORKERS) == 64, message="64 handled")
+    await settled(js, total=64)
+    assert len(set(module.WORKERS)) <= 8, sorted(set(module.WORKERS))
+
+
 async def test_a_single_message_to_an_idle_consumer_is_handled_promptly(
     host_factory, js: JetStreamContext
 ) -> None:
