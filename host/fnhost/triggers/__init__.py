@@ -36,9 +36,8 @@ time, the invocations of a burst of handlers that suspend at once (an
 idempotency lease, an output's PubAck) started a loop turn apart and their
 writes left the host one or two per socket write, which cost the host and
 nats-server CPU per message; all at once, their writes travel together and the
-host waits for them together (bench/README.md, "Concurrency"). With 4, the
-kv store's messages/s rose about 15% at concurrency 64; quick handlers still
-run back to back in the first worker.
+host waits for them together. Quick handlers still run back to back in the
+first worker. Measured in bench/README.md, "Worker fan-out".
 """
 
 
