@@ -442,7 +442,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.stores = comma_choice(parser, "--only", args.only, STORES)
     check_loop(parser, args.loop)
-    if min(args.rounds, args.messages, args.hosts, args.concurrency or 1) < 1:
+    too_small = args.concurrency is not None and args.concurrency < 1
+    if too_small or min(args.rounds, args.messages, args.hosts) < 1:
         parser.error("--rounds, --messages, --hosts and --concurrency must be at least 1")
     return args
 
