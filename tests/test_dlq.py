@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import nats
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -356,6 +357,41 @@ async def test_the_watcher_follows_what_a_reload_adds_changes_and_removes(
         timeout=dlq.FETCH_WAIT * 3,
         message="the removed function's advisories no longer pulled",
     )
+
+
+@pytest.mark.nats
+async def test_a_stopped_watcher_leaves_no_subscription_behind(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """Stopping the watcher (shutdown, a reload that drops the function) takes its pull
+    subscription off the connection. Cancelled mid-fetch, nats-py may leave an answer
+    on it unmarked, and a subscription left behind then held the connection's drain
+    (``fnhost dev``, Ctrl-C) to its timeout."""
+    path = tmp_path / "fn.yaml"
+    path.write_text(STREAMS + function())
+    (tmp_path / "fn.py").write_text(textwrap.dedent(HANDLER))
+    manifest = load_manifest(path)
+    conn = await nats.connect(nats_server.url)
+    try:
+        watching = dlq.AdvisoryWatcher(conn)
+        await watching.sync(manifest, manifest.functions.values())
+        await wait_for(lambda: _pull_waiting(js), message="the watcher's pull request is waiting")
+        assert _plain_subscriptions(nats_server, conn), "the watcher's pull subscription"
+        await watching.stop()
+        await conn.flush()
+        assert _plain_subscriptions(nats_server, conn) == []
+    finally:
+        await conn.close()
+
+
+async def _pull_waiting(js: JetStreamContext) -> bool:
+    return (await watcher(js)).num_waiting >= 1
+
+
+def _plain_subscriptions(server: NatsServer, conn: NatsClient) -> list[str]:
+    """The subjects ``conn`` subscribes to, but for wildcard reply inboxes (``_INBOX.x.*``)."""
+    (connection,) = server.monitor(f"connz?cid={conn.client_id}&subs=1")["connections"]
+    return [s for s in connection.get("subscriptions_list", []) if not s.endswith(".*")]
 
 
 def _rewrite(host: Host, text: str) -> Manifest:

@@ -272,31 +272,39 @@ class AdvisoryWatcher:
     async def _watch(self, target: _Target, provisioned: bool, replicas: int) -> None:
         name = watcher_consumer_name(target.stream, target.consumer)
         sub: JetStreamContext.PullSubscription | None = None
-        while True:
-            try:
-                if not provisioned:
-                    await self._provision(target, replicas)
-                    provisioned = True
-                if sub is None:
-                    sub = await self._js.pull_subscribe_bind(name, ADVISORY_STREAM)
-                # One at a time: nats-py holds a batch's first message until the batch fills.
-                msgs = await sub.fetch(1, timeout=FETCH_WAIT)
-            except nats.errors.TimeoutError:
-                continue
-            except nats.errors.ConnectionClosedError:
-                return
-            except nats.errors.Error as exc:
-                # Deleted consumer or stream, lost server...: re-provision after a real pause.
-                log.warning("watching advisories for %s: %s", target.function, exc)
-                if sub is not None:
-                    with contextlib.suppress(nats.errors.Error):
-                        await sub.unsubscribe()
-                    sub = None
-                provisioned = False
-                await asyncio.sleep(ADVISORY_RETRY[0])
-                continue
-            for msg in msgs:
-                await self.handle(self._targets[(target.stream, target.consumer)], msg)
+        try:
+            while True:
+                try:
+                    if not provisioned:
+                        await self._provision(target, replicas)
+                        provisioned = True
+                    if sub is None:
+                        sub = await self._js.pull_subscribe_bind(name, ADVISORY_STREAM)
+                    # One at a time: nats-py holds a batch's first message until the batch fills.
+                    msgs = await sub.fetch(1, timeout=FETCH_WAIT)
+                except nats.errors.TimeoutError:
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                except nats.errors.Error as exc:
+                    # Deleted consumer or stream, lost server...: re-provision after a real pause.
+                    log.warning("watching advisories for %s: %s", target.function, exc)
+                    if sub is not None:
+                        with contextlib.suppress(nats.errors.Error):
+                            await sub.unsubscribe()
+                        sub = None
+                    provisioned = False
+                    await asyncio.sleep(ADVISORY_RETRY[0])
+                    continue
+                for msg in msgs:
+                    await self.handle(self._targets[(target.stream, target.consumer)], msg)
+        finally:
+            # Cancelled (stop, reload) mid-fetch, nats-py may have taken the answer off
+            # the subscription's queue without marking it done; a subscription left
+            # behind would then hold the connection's drain to its timeout.
+            if sub is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
 
     async def handle(self, target: _Target, msg: Msg) -> None:
         """Settle one advisory: ack once the copy is stored (or cannot ever be), else nak."""
