@@ -13,7 +13,7 @@ same function without ``idempotency:``.
 
 Each round runs every store once, one after the other, so machine noise hits
 all alike. A trial: re-create the stream BENCH and pre-publish ``--messages``
-events (not timed; no ``Nats-Msg-Id``, so the key is ``BENCH:<seq>``), start
+events (not timed; no ``Nats-Msg-Id``, so the key is ``BENCH:<seq>:<ns>``), start
 the host with a fresh bucket / key prefix / table (so every key is new: the
 cost of a first delivery, the common case), and time from the consumer's
 creation to its last ack, both server timestamps (``run.measure_consume``).

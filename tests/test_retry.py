@@ -57,7 +57,7 @@ class Wire:
     async def on_ack(self, msg: Msg) -> None:
         body = msg.data.decode() or "+ACK"
         if body != "+WPI":
-            attempt, seq = delivery_of(msg.subject)
+            attempt, seq, _ = delivery_of(msg.subject)
             self.acks.append((seq, attempt, body))
 
     def of(self, seq: int) -> list[tuple[int, str]]:

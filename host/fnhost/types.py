@@ -67,6 +67,7 @@ class Invocation(Context):
         attempt: int = 1,
         stream: str | None = None,
         sequence: int | None = None,
+        stored_at_ns: int | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
@@ -79,6 +80,7 @@ class Invocation(Context):
             attempt=attempt,
             stream=stream,
             sequence=sequence,
+            stored_at_ns=stored_at_ns,
             config=config,
         )
         self.kind: TriggerKind = kind

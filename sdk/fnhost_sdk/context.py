@@ -32,6 +32,8 @@ class Context:
         message_id: its ``Nats-Msg-Id`` header, if any.
         attempt: the delivery count (1 on first delivery; always 1 outside streams).
         stream, sequence: the stream and stream sequence (stream triggers only).
+        stored_at_ns: when the stream stored the message, in nanoseconds since
+            the epoch (stream triggers only; the same on every redelivery).
         config: the function's ``config:`` mapping from fn.yaml.
         idempotency: the message's idempotency key and ``record_in(conn)``
             (see :mod:`fnhost_sdk.idempotency`); ``None`` unless the function
@@ -50,6 +52,7 @@ class Context:
         "idempotency",
         "message_id",
         "sequence",
+        "stored_at_ns",
         "stream",
         "subject",
     )
@@ -66,6 +69,7 @@ class Context:
         attempt: int = 1,
         stream: str | None = None,
         sequence: int | None = None,
+        stored_at_ns: int | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         self._session = session
@@ -79,16 +83,27 @@ class Context:
         self.attempt = attempt
         self.stream = stream
         self.sequence = sequence
+        self.stored_at_ns = stored_at_ns
         self.config: dict[str, Any] = config if config is not None else {}
         self.idempotency: Idempotency | None = None
 
     @property
     def idempotency_key(self) -> str | None:
-        """The message's identity: its message id, else ``stream:sequence``, else ``None``."""
+        """The message's identity: its message id, else ``stream:sequence:stored_at_ns``,
+        else ``None``.
+
+        The storage time is part of it because a stream deleted and created again
+        numbers its messages from 1 again: ``stream:sequence`` alone would name a new
+        message like an old one, whose idempotency record (kept for ``ttl``) would
+        have it acked as a duplicate without running, and whose outputs' message ids
+        the output stream's duplicate window would drop.
+        """
         if self.message_id:
             return self.message_id
         if self.stream is not None and self.sequence is not None:
-            return f"{self.stream}:{self.sequence}"
+            if self.stored_at_ns is None:
+                return f"{self.stream}:{self.sequence}"
+            return f"{self.stream}:{self.sequence}:{self.stored_at_ns}"
         return None
 
     @property

@@ -64,8 +64,8 @@ class Idempotency:
     """The message's idempotency key, and the means to record it transactionally.
 
     Attributes:
-        key: the message's key (``Nats-Msg-Id``, ``stream:sequence``, a header or
-            what the manifest's key function returned).
+        key: the message's key (``Nats-Msg-Id``, ``stream:sequence:stored_at_ns``,
+            a header or what the manifest's key function returned).
         recorded: whether ``record_in`` ran (the host then records nothing itself).
     """
 

@@ -85,7 +85,7 @@ class WireAcks:
     async def on_ack(self, msg: Msg) -> None:
         body = msg.data.decode() or "+ACK"
         if body == "+ACK":
-            attempt, seq = delivery_of(msg.subject)
+            attempt, seq, _ = delivery_of(msg.subject)
             self.acked.append((seq, attempt))
         elif body != "+WPI":
             self.others[body.split()[0]] += 1

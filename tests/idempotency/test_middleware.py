@@ -122,6 +122,30 @@ async def test_same_key_header_runs_once(host_factory: HostFactory, nc: NatsClie
     assert host.metrics.counts("work").get("duplicate") == 4
 
 
+async def test_a_re_created_stream_s_messages_are_not_taken_for_old_ones(
+    host_factory: HostFactory, nc: NatsClient
+) -> None:
+    """A stream deleted and created again numbers its messages from 1 again. Keyed by
+    stream and sequence alone, they would meet the old messages' records (kept for
+    ``ttl``) and be acked as duplicates without running: every key also carries the
+    time the stream stored its message."""
+    text = manifest("{store: kv}")
+    first = await host_factory(text, {"fn.py": COUNTING})
+    for n in range(3):
+        await publish(nc, n)
+    await wait_for(lambda: settled(nc), timeout=20, message="the first three acked")
+    await first.drain()
+    await nc.jetstream().delete_stream("IN")
+
+    second = await host_factory(text, {"fn.py": COUNTING})
+    for n in range(3, 6):
+        await publish(nc, n)
+    await wait_for(lambda: settled(nc), timeout=20, message="the next three acked")
+    assert (await nc.jetstream().stream_info("IN")).state.last_seq == 3
+    assert sorted(runs(second)) == [3, 4, 5]
+    assert second.metrics.counts("work").get("duplicate") == 0
+
+
 async def test_a_live_lease_is_waited_on_without_using_a_delivery(
     host_factory: HostFactory, nc: NatsClient
 ) -> None:

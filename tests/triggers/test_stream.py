@@ -9,6 +9,7 @@ host sends, so a test sees ``+ACK``, ``-NAK {"delay": ns}``, ``+TERM`` and
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 
@@ -341,12 +342,23 @@ OUTPUT = """\
 """
 
 
+async def stored_at_ns_of(nc: NatsClient, stream: str, sequence: int) -> int:
+    """When ``stream`` stored message ``sequence``, in ns (nats-py's ``get_msg`` keeps µs)."""
+    answer = await nc.request(
+        f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": sequence}).encode()
+    )
+    stamp = json.loads(answer.data)["message"]["time"]  # RFC 3339, UTC, up to ns
+    seconds, _, fraction = stamp.removesuffix("Z").partition(".")
+    whole = datetime.datetime.fromisoformat(seconds).replace(tzinfo=datetime.UTC)
+    return int(whole.timestamp()) * 10**9 + int(fraction.ljust(9, "0"))
+
+
 async def test_output_is_published_to_its_stream_with_a_message_id(
-    host_factory, js: JetStreamContext
+    host_factory, js: JetStreamContext, nc: NatsClient
 ) -> None:
     """The return value goes to ``output:`` with ``Nats-Msg-Id`` = ``<input key>/0``: the
-    input's own message id, else ``<stream>:<sequence>``, so a redelivered input's
-    output is dropped by the output stream's duplicate window."""
+    input's own message id, else ``<stream>:<sequence>:<storage time in ns>``, so a
+    redelivered input's output is dropped by the output stream's duplicate window."""
     text = manifest(output="out.doubled").replace("  DLQ:", '  OUT: {subjects: ["out.>"]}\n  DLQ:')
     await host_factory(text, {"fn.py": OUTPUT})
     await js.publish("in.a", b'{"n": 21}', headers={"Nats-Msg-Id": "order-7"})
@@ -358,12 +370,13 @@ async def test_output_is_published_to_its_stream_with_a_message_id(
     await wait_for(two_outputs, message="two outputs stored")
     await settled(js, total=2)
     first, second = await js.get_msg("OUT", 1), await js.get_msg("OUT", 2)
+    stored_at_ns = await stored_at_ns_of(nc, "IN", 2)
     by_id = {
         (msg.headers or {}).get("Nats-Msg-Id"): json.loads(msg.data) for msg in (first, second)
     }
     assert by_id == {
         "order-7/0": {"doubled": 42, "attempt": 1},
-        "IN:2/0": {"doubled": 10, "attempt": 1},
+        f"IN:2:{stored_at_ns}/0": {"doubled": 10, "attempt": 1},
     }
     assert first.subject == second.subject == "out.doubled"
 

@@ -3,8 +3,8 @@
 For a function with ``idempotency:`` in fn.yaml the middleware, per message:
 
 1. finds the key: ``auto`` (the ``Nats-Msg-Id`` header, else
-   ``stream:sequence``; a core message without a message id has no key and
-   runs unguarded), ``header:NAME`` or ``module:function`` (called as
+   ``stream:sequence:stored_at_ns``; a core message without a message id has
+   no key and runs unguarded), ``header:NAME`` or ``module:function`` (called as
    ``function(data, ctx) -> str | None``). A configured key that is missing
    (no such header, the function returned ``None`` or raised) is bad input:
    the message is dead-lettered like an undecodable payload, because running

@@ -247,7 +247,7 @@ class StreamTrigger(Trigger):
 
     async def handle(self, msg: Msg) -> None:
         runtime = self.runtime
-        attempt, sequence = delivery_of(msg.reply)
+        attempt, sequence, stored_at_ns = delivery_of(msg.reply)
         headers = msg.headers
         inv = Invocation(
             runtime.session,
@@ -261,6 +261,7 @@ class StreamTrigger(Trigger):
             attempt=attempt,
             stream=self.stream,
             sequence=sequence,
+            stored_at_ns=stored_at_ns,
             config=runtime.spec.config,
         )
         token = current_invocation.set(inv)
@@ -387,8 +388,8 @@ class StreamTrigger(Trigger):
                         log.warning("function %s: in-progress ping failed: %s", self.name, exc)
 
 
-def delivery_of(reply: str) -> tuple[int, int]:
-    """(delivery count, stream sequence) from a JetStream ack subject.
+def delivery_of(reply: str) -> tuple[int, int, int]:
+    """(delivery count, stream sequence, storage time in ns) from a JetStream ack subject.
 
     ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>``,
     or the 12+ token form with domain and account hash after ``$JS.ACK``.
@@ -396,5 +397,5 @@ def delivery_of(reply: str) -> tuple[int, int]:
     """
     tokens = reply.split(".")
     if len(tokens) == 9:
-        return int(tokens[4]), int(tokens[5])
-    return int(tokens[6]), int(tokens[7])
+        return int(tokens[4]), int(tokens[5]), int(tokens[7])
+    return int(tokens[6]), int(tokens[7]), int(tokens[9])
