@@ -3,6 +3,7 @@
     python bench/stores.py [--rounds 3] [--messages 20000] [--loop uvloop|asyncio]
                            [--only none,round-trip,memory,kv,redis,postgres]
                            [--sync always|default] [--hosts 1] [--concurrency N]
+                           [--output]
 
 The function is workload B of ``run.py`` (``bench/functions.py:consume``:
 decode the JSON, return; the host acks), run by ``python -m fnhost run`` with
@@ -31,7 +32,12 @@ trial: how many messages are in flight at once decides how many of them
 share each socket write and read. ``--sync default`` runs
 nats-server with its default fsync interval instead of ``sync_interval:
 always``, which separates the host's own cost per message from the server's
-fsync per KV write. Writes bench/results/stores-sync-<always|default>.json.
+fsync per KV write. ``--output`` gives every trial's function the work of
+the example's ``payment`` and ``inventory`` functions beyond decoding: its
+return value goes to ``output:`` (handler ``forward``), one JetStream publish
+awaited before the ack, so the ratios show what each store costs a function
+that publishes its result (``round-trip`` is then ``none``, and is left out).
+Writes bench/results/stores-sync-<always|default>[-output].json.
 
 ``round-trip`` is not a store but the floor under every store that talks to
 a server: no ``idempotency:``, and the handler's return value goes to
@@ -136,15 +142,17 @@ def _databases() -> Any:
     return databases
 
 
-def manifest_for(store: str, trial: str, urls: dict[str, str], concurrency: int | None) -> str:
+def manifest_for(
+    store: str, trial: str, urls: dict[str, str], concurrency: int | None, output: bool
+) -> str:
     handler, extra = "consume", ""
-    if store == ROUND_TRIP:
+    if output or store == ROUND_TRIP:
         handler, extra = "forward", "    output: bench.out.forward\n"
-    elif store != "none":
+    if store not in ("none", ROUND_TRIP):
         settings = f"store: {store}, bucket: {trial}"
         if store in urls:
             settings += f", url: '{urls[store]}'"
-        extra = f"    idempotency: {{{settings}}}\n"
+        extra += f"    idempotency: {{{settings}}}\n"
     return MANIFEST.format(
         module=BENCH_DIR / "functions.py",
         handler=handler,
@@ -169,7 +177,7 @@ async def trial(
             await js.delete_stream(OUTPUT_STREAM)
         name = f"b_{store}_{round_no}"
         manifest = workdir / f"{name}.yaml"
-        manifest.write_text(manifest_for(store, name, urls, args.concurrency))
+        manifest.write_text(manifest_for(store, name, urls, args.concurrency, args.output))
         argv = [sys.executable, "-m", "fnhost", "run", str(manifest), "--nats", url]
         hosts = [
             Process(
@@ -376,6 +384,7 @@ def print_report(
         f"loop {meta['loop']}, {meta['cpus']} CPUs, nats-server sync {meta['nats_sync']}; "
         f"{meta['messages']:,} messages per trial, {meta['hosts']} host process(es), "
         f"concurrency {meta['concurrency'] or 'default (64)'}, "
+        f"handler {'forward (one output publish)' if meta['output'] else 'consume'}, "
         f"median of {meta['rounds']} round(s)\n"
     )
     header = f"{'store':<11}{'msgs/s':>10}{'min':>10}{'max':>10}{'vs none':>9}"
@@ -439,8 +448,17 @@ def parse_args() -> argparse.Namespace:
         type=int,
         help="the function's concurrency (default: the manifest default, 64)",
     )
+    parser.add_argument(
+        "--output",
+        action="store_true",
+        help="every function also publishes its return value to a stream (handler forward)",
+    )
     args = parser.parse_args()
     args.stores = comma_choice(parser, "--only", args.only, STORES)
+    if args.output and ROUND_TRIP in args.stores:
+        if args.only != ",".join(STORES):
+            parser.error("--output makes round-trip the same as none: leave it out of --only")
+        args.stores.remove(ROUND_TRIP)
     check_loop(parser, args.loop)
     too_small = args.concurrency is not None and args.concurrency < 1
     if too_small or min(args.rounds, args.messages, args.hosts) < 1:
@@ -479,13 +497,14 @@ async def main(args: argparse.Namespace) -> int:
         "kv_ceiling_server_cpu_us_per_write": ceiling.server_cpu_us_per_write,
         "hosts": args.hosts,
         "concurrency": args.concurrency,
+        "output": args.output,
         "ping_pong_us": ping_pong.wall_us,
         "ping_pong_cpu_us": ping_pong.cpu_us,
     }
     rows = summary(trials)
     print_report(meta, rows, skipped)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"stores-sync-{args.sync}.json"
+    out = RESULTS_DIR / f"stores-sync-{args.sync}{'-output' if args.output else ''}.json"
     out.write_text(json.dumps({"meta": meta, "stores": rows, "n/a": skipped}, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO_DIR)}; process logs in {LOG_DIR.relative_to(REPO_DIR)}/")
     return 0
