@@ -29,7 +29,7 @@ from fnhost.manifest import Manifest, load_manifest
 from fnhost.reload import apply_manifest
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
-from support import module_of
+from support import dead_letter_id_of, module_of
 
 STREAMS = """\
 version: 1
@@ -149,7 +149,14 @@ def test_dead_letter_headers_keep_the_original_and_drop_publish_directives() -> 
         "Nats-TTL": "1m",
     }
     headers = dlq.dead_letter_headers(
-        original, subject="in.a", function="work", stream="IN", sequence=9, attempts=3, error="E: x"
+        original,
+        subject="in.a",
+        function="work",
+        stream="IN",
+        sequence=9,
+        stored_at_us=1_764_000_000_123_456,
+        attempts=3,
+        error="E: x",
     )
     assert headers == {
         "X-Trace": "t1",
@@ -160,7 +167,7 @@ def test_dead_letter_headers_keep_the_original_and_drop_publish_directives() -> 
         "Fnhost-Stream-Seq": "9",
         "Fnhost-Attempts": "3",
         "Fnhost-Error": "E: x",
-        "Nats-Msg-Id": "dlq:IN:9",
+        "Nats-Msg-Id": "dlq:IN:9:1764000000123456",
     }
 
 
@@ -190,7 +197,7 @@ def test_watcher_consumer_names_are_valid_and_distinct() -> None:
 
 @pytest.mark.nats
 async def test_poison_reaches_the_dlq_after_exactly_max_deliver_attempts(
-    host_factory, js: JetStreamContext
+    host_factory, js: JetStreamContext, nc: NatsClient
 ) -> None:
     """F3: byte-identical body, original headers kept, good messages unaffected."""
     host = await host_factory(STREAMS + function(), {"fn.py": HANDLER})
@@ -203,7 +210,7 @@ async def test_poison_reaches_the_dlq_after_exactly_max_deliver_attempts(
     headers = copy.headers or {}
     assert headers["X-Trace"] == "abc"
     assert headers["Fnhost-Original-Msg-Id"] == "order-7"
-    assert headers["Nats-Msg-Id"] == f"dlq:IN:{ack.seq}"
+    assert headers["Nats-Msg-Id"] == await dead_letter_id_of(nc, "IN", ack.seq)
     assert headers["Fnhost-Original-Subject"] == "in.a"
     assert headers["Fnhost-Function"] == "work"
     assert headers["Fnhost-Attempts"] == "3"
@@ -224,6 +231,37 @@ async def test_reject_reaches_the_dlq_after_one_attempt(host_factory, js: JetStr
     assert (copy.headers or {})["Fnhost-Attempts"] == "1"
     assert (copy.headers or {})["Fnhost-Error"] == "Reject: not for us"
     assert module_of(host).SEEN == [(b"reject me", 1)]
+
+
+@pytest.mark.nats
+async def test_a_re_created_stream_s_poison_is_not_taken_for_the_old_one_s(
+    host_factory, js: JetStreamContext, nc: NatsClient, tmp_path: Path
+) -> None:
+    """A stream deleted and created again numbers its messages from 1 again. Named by
+    stream and sequence alone, the new message's copy would be dropped by the DLQ's
+    duplicate window as the old one's, and the original termed: lost."""
+    text = STREAMS + function()
+    first = await host_factory(text, {"fn.py": HANDLER}, root=tmp_path / "first")
+    old = await js.publish("in.a", b"reject me, the first")
+    await wait_for(lambda: copies_of(js, old.seq), message="the first dead-lettered")
+    old_id = await dead_letter_id_of(nc, "IN", old.seq)
+    await first.drain()
+    await js.delete_stream("IN")
+
+    second = await host_factory(text, {"fn.py": HANDLER}, root=tmp_path / "second")
+    new = await js.publish("in.a", b"reject me, the second")
+    assert new.seq == old.seq
+
+    async def both_stored() -> bool:
+        return len(await dead_letters(js)) == 2
+
+    await wait_for(both_stored, message="the second dead-lettered")
+    copies = await dead_letters(js)
+    assert [copy.data for copy in copies] == [b"reject me, the first", b"reject me, the second"]
+    ids = [(copy.headers or {})["Nats-Msg-Id"] for copy in copies]
+    assert ids == [old_id, await dead_letter_id_of(nc, "IN", new.seq)]
+    assert ids[0] != ids[1]
+    assert dead_lettered(second) == 1
 
 
 @pytest.mark.nats
@@ -264,7 +302,7 @@ async def _acked(js: JetStreamContext, durable: str, seq: int) -> bool:
 
 @pytest.mark.nats
 async def test_a_delivery_never_settled_is_dead_lettered_from_the_advisory(
-    host_factory, js: JetStreamContext, tmp_path: Path
+    host_factory, js: JetStreamContext, nc: NatsClient, tmp_path: Path
 ) -> None:
     """The advisory fires while no host runs; the next host's watcher stores the copy."""
     manifest_text = STREAMS + function(max_deliver=1, trigger=", ack_wait: 1s")
@@ -285,7 +323,7 @@ async def test_a_delivery_never_settled_is_dead_lettered_from_the_advisory(
     assert headers["X-Keep"] == "yes"
     assert headers["Fnhost-Attempts"] == "1"
     assert headers["Fnhost-Error"].startswith("MaxDeliveries: delivered 1 times")
-    assert headers["Nats-Msg-Id"] == f"dlq:IN:{ack.seq}"
+    assert headers["Nats-Msg-Id"] == await dead_letter_id_of(nc, "IN", ack.seq)
     assert module_of(host).SEEN == [], "the message was never handed to the new host"
     await wait_for(lambda: dead_lettered(host) == 1, message="the advisory's copy counted")
     await wait_for(

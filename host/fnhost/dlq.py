@@ -3,8 +3,8 @@ read / replay / purge helpers behind ``fnhost dlq``. User guides: docs/delivery.
 (dead letters, the advisory path) and docs/cli.md (``fnhost dlq``).
 
 A stream message is dead-lettered on one of two paths, and both store the same
-copy under the same ``Nats-Msg-Id`` (``dlq:<stream>:<seq>``), so when both
-happen the DLQ stream's duplicate window keeps one:
+copy under the same ``Nats-Msg-Id`` (``dlq:<stream>:<seq>:<stored_at_us>``), so
+when both happen the DLQ stream's duplicate window keeps one:
 
 1. The stream trigger: ``Reject``, an undecodable payload or the last allowed
    attempt -> copy, then term (:mod:`fnhost.triggers.stream`).
@@ -33,7 +33,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -88,9 +88,24 @@ _DIRECTIVES = frozenset({"nats-msg-id", "nats-rollup", "nats-ttl"})
 _DIRECTIVE_PREFIXES = ("nats-expected-", "nats-schedule")
 
 
-def dead_letter_id(stream: str, sequence: int | None) -> str:
-    """The message id of a stream message's dead-letter copy: one per message, dedup-safe."""
-    return f"dlq:{stream}:{sequence}"
+def dead_letter_id(stream: str, sequence: int | None, stored_at_us: int | None) -> str:
+    """The message id of a stream message's dead-letter copy: one per message, dedup-safe.
+
+    The storage time (µs since the epoch, what a JetStream message get gives
+    nats-py) tells apart two messages with one sequence, in a stream deleted and
+    created again: without it the second's copy would be dropped as a duplicate
+    of the first's, and the original termed, lost.
+    """
+    return f"dlq:{stream}:{sequence}:{stored_at_us}"
+
+
+def microseconds_since_epoch(moment: datetime) -> int:
+    """``moment`` (timezone-aware) in whole µs since the epoch, exactly (no float)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _is_directive(name: str) -> bool:
@@ -105,6 +120,7 @@ def dead_letter_headers(
     function: str,
     stream: str,
     sequence: int | None,
+    stored_at_us: int | None,
     attempts: int,
     error: str,
 ) -> dict[str, str]:
@@ -121,7 +137,7 @@ def dead_letter_headers(
     headers[h.STREAM_SEQ] = str(sequence)
     headers[h.ATTEMPTS] = str(attempts)
     headers[h.ERROR] = error
-    headers[h.MSG_ID] = dead_letter_id(stream, sequence)
+    headers[h.MSG_ID] = dead_letter_id(stream, sequence, stored_at_us)
     return headers
 
 
@@ -341,6 +357,7 @@ class AdvisoryWatcher:
             function=name,
             stream=stream,
             sequence=seq,
+            stored_at_us=microseconds_since_epoch(original.time) if original.time else None,
             attempts=deliveries,
             error=error,
         )

@@ -9,7 +9,7 @@ dead-letter stream. Good messages flow between the killers.
 
 Then every stored advisory is replayed to both hosts at once (the watcher
 consumer is deleted, both hosts re-create it and start from the first
-advisory): the copies' message id (``dlq:<stream>:<seq>``) keeps the
+advisory): the copies' message id (``dlq:<stream>:<seq>:<stored_at_us>``) keeps the
 dead-letter stream at one copy per killer.
 
 Passes when: each killer was attempted exactly ``max_deliver`` times and is in
@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from fnhost import dlq
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.waiting import wait_for
+from support import dead_letter_id_of
 
 from .harness import HostProcess
 
@@ -177,6 +178,7 @@ async def test_a_host_killed_on_the_last_attempt_dead_letters_via_the_advisory_o
             replayed, timeout=DEADLINE, interval=0.2, message="advisories replayed", ignore=BUSY
         )
         copies = await dead_letters(js)
+        expected_ids = {seq: await dead_letter_id_of(nc, "IN", seq) for seq in sent}
         for host in hosts:
             exits.append(host.terminate())
     finally:
@@ -215,7 +217,7 @@ async def test_a_host_killed_on_the_last_attempt_dead_letters_via_the_advisory_o
         k = json.loads(data)["n"]
         assert headers["X-Order"] == f"k{k}"
         assert headers["Fnhost-Original-Msg-Id"] == f"killer-{k}"
-        assert headers["Nats-Msg-Id"] == f"dlq:IN:{seq}"
+        assert headers["Nats-Msg-Id"] == expected_ids[seq]
         assert headers["Fnhost-Original-Subject"] == "in.killer"
         assert headers["Fnhost-Function"] == "work"
         assert headers["Fnhost-Stream"] == "IN"

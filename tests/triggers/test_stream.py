@@ -9,7 +9,6 @@ host sends, so a test sees ``+ACK``, ``-NAK {"delay": ns}``, ``+TERM`` and
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
 
@@ -23,7 +22,7 @@ from nats.js.api import ConsumerInfo
 from fnhost.host import Host
 from fnhost.triggers.stream import StreamTrigger
 from fnhost_sdk.testing import wait_for
-from support import module_of
+from support import module_of, stored_at_ns_of
 
 pytestmark = pytest.mark.nats
 
@@ -340,17 +339,6 @@ OUTPUT = """\
     async def handle(data: dict, ctx) -> dict:
         return {"doubled": data["n"] * 2, "attempt": ctx.attempt}
 """
-
-
-async def stored_at_ns_of(nc: NatsClient, stream: str, sequence: int) -> int:
-    """When ``stream`` stored message ``sequence``, in ns (nats-py's ``get_msg`` keeps µs)."""
-    answer = await nc.request(
-        f"$JS.API.STREAM.MSG.GET.{stream}", json.dumps({"seq": sequence}).encode()
-    )
-    stamp = json.loads(answer.data)["message"]["time"]  # RFC 3339, UTC, up to ns
-    seconds, _, fraction = stamp.removesuffix("Z").partition(".")
-    whole = datetime.datetime.fromisoformat(seconds).replace(tzinfo=datetime.UTC)
-    return int(whole.timestamp()) * 10**9 + int(fraction.ljust(9, "0"))
 
 
 async def test_output_is_published_to_its_stream_with_a_message_id(

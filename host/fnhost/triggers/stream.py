@@ -337,6 +337,7 @@ class StreamTrigger(Trigger):
             function=self.name,
             stream=self.stream,
             sequence=inv.sequence,
+            stored_at_us=None if inv.stored_at_ns is None else inv.stored_at_ns // 1000,
             attempts=inv.attempt,
             error=f"{outcome.error_type}: {outcome.reason}",
         )
