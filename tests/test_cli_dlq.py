@@ -88,6 +88,7 @@ def store_dead_letters(url: str, letters: list[tuple[str, int, bytes, dict[str, 
                 function=function,
                 stream="IN",
                 sequence=seq,
+                stored_at_us=1_764_000_000_000_000 + seq,
                 attempts=3,
                 error="ValueError: cannot digest",
             )
