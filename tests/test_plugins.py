@@ -284,6 +284,20 @@ SLOW = """\
         ATTEMPTS.append(ctx.attempt)
         if ctx.attempt == 1:
             await asyncio.sleep(30)
+
+
+    SWALLOWED = []
+
+
+    async def swallows_its_cancel(data: dict, ctx) -> None:
+        SWALLOWED.append((data["n"], ctx.attempt))
+        if ctx.attempt == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                if data["n"] == 1:
+                    return
+                raise
 """
 
 TIMEOUT_FUNCTIONS = """\
@@ -343,6 +357,35 @@ async def test_a_stream_handler_past_its_timeout_is_not_acked_but_retried(
 
     await wait_for(settled, message="acked after the retry")
     assert module.ATTEMPTS == [1, 2], "the timed-out attempt was not acked"
+
+
+async def test_a_handler_that_swallows_its_timeout_is_still_not_acked_and_its_worker_lives(
+    run_host, nc: NatsClient
+) -> None:
+    """A handler that catches the timeout's cancellation and returns has still run
+    past its timeout: not acked, retried. The worker that ran it keeps working: with
+    concurrency 1, the next message that times out is retried and acked too."""
+    host = await run_host(
+        manifest(
+            "  swallow:\n    module: fn.py\n    handler: swallows_its_cancel\n"
+            "    trigger: {stream: P, subjects: [p.in]}\n    concurrency: 1\n"
+            "    timeout: 300ms\n    retry: {max_deliver: 3, backoff: [100ms]}\n",
+            [],
+            streams='  P: {subjects: ["p.in"]}\n',
+        ),
+        {"fn.py": SLOW},
+    )
+    module = module_of(host, "swallow")
+    js: JetStreamContext = nc.jetstream()
+    await js.publish("p.in", b'{"n": 1}')
+    await js.publish("p.in", b'{"n": 2}')
+
+    async def settled() -> bool:
+        info = await js.consumer_info("P", "swallow")
+        return info.ack_floor.stream_seq == 2 and info.num_ack_pending == 0
+
+    await wait_for(settled, message="both acked after their retries")
+    assert sorted(module.SWALLOWED) == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
 async def test_the_timeout_sweeper_fails_only_the_late_call_and_keeps_outside_cancels() -> None:

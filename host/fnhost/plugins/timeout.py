@@ -2,7 +2,8 @@
 
 The timed-out invocation fails with :class:`~fnhost.errors.HandlerTimeout`
 and is treated like any other failure (error reply, nak with back-off, dead
-letter on the last attempt); it is never acked. A plain ``def`` handler's
+letter on the last attempt); it is never acked, even when the handler catches
+the cancellation and returns. A plain ``def`` handler's
 thread cannot be interrupted: the invocation fails at the deadline and the
 thread finishes in the background.
 
@@ -40,9 +41,13 @@ class Deadlines:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep(), name="fnhost-timeout-sweeper")
 
-    def leave(self, task: asyncio.Task[object]) -> None:
+    def leave(self, task: asyncio.Task[object]) -> bool:
+        """Stop watching ``task``; whether the sweeper cancelled it for its deadline."""
         del self.running[task]
-        self.expired.discard(task)
+        if task in self.expired:
+            self.expired.remove(task)
+            return True
+        return False
 
     async def _sweep(self) -> None:
         # Ends when nothing runs, so an idle or unloaded function holds no task.
@@ -69,14 +74,27 @@ def fnhost_middleware(function: FunctionSpec) -> Middleware:
         assert task is not None
         deadlines.enter(task)
         try:
-            return await call_next(call)
+            outcome = await call_next(call)
         except asyncio.CancelledError:
-            if task in deadlines.expired and task.uncancel() == 0:
-                raise HandlerTimeout(
-                    f"function {call.function!r} ran past its timeout of {seconds:g}s"
-                ) from None
+            if deadlines.leave(task) and task.uncancel() == 0:
+                raise _timed_out(call) from None
             raise
-        finally:
-            deadlines.leave(task)
+        except BaseException as error:
+            if deadlines.leave(task):
+                # The handler caught the cancellation, then failed otherwise.
+                task.uncancel()
+                raise _timed_out(call) from error
+            raise
+        if deadlines.leave(task):
+            # The handler caught the cancellation and returned (or an
+            # ``asyncio.wait_for`` swallowed it): it still ran past its deadline, and the
+            # worker task's pending cancel count must go back to 0, or the next
+            # timeout's cancellation would end the worker instead of the invocation.
+            task.uncancel()
+            raise _timed_out(call)
+        return outcome
+
+    def _timed_out(call: Invocation) -> HandlerTimeout:
+        return HandlerTimeout(f"function {call.function!r} ran past its timeout of {seconds:g}s")
 
     return timeout
