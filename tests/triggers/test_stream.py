@@ -605,6 +605,31 @@ async def test_a_message_delivered_after_intake_stopped_is_naked_for_another_hos
     assert module_of(draining).SEEN == []
 
 
+async def test_a_last_attempt_delivered_after_intake_stopped_is_run_not_naked(
+    host_factory, js: JetStreamContext, acks: AckLog
+) -> None:
+    """A nak counts as a delivery: nak'ing a message's last allowed delivery would leave
+    it never run again. The draining host runs that one within its grace instead."""
+    draining = await host_factory(
+        manifest(", ack_wait: 60s", retry="{max_deliver: 1, backoff: [1s]}"), {"fn.py": RECORD}
+    )
+    await wait_for(
+        lambda: _pulls_waiting(js), message="the host's pull request waits on the server"
+    )
+    trigger = draining.functions["work"].trigger
+    assert trigger is not None
+    await trigger.stop_intake()
+
+    await js.publish("in.a", b'{"i": 1}')
+    await settled(js, total=1)
+    assert [(i, attempt) for i, attempt, *_ in module_of(draining).SEEN] == [(1, 1)]
+    assert acks.settled() == ["+ACK"]
+
+
+async def _pulls_waiting(js: JetStreamContext) -> bool:
+    return (await consumer(js)).num_waiting >= 1
+
+
 async def test_an_empty_stream_is_quiet_and_normal(
     host_factory, js: JetStreamContext, nc: NatsClient, monkeypatch, caplog
 ) -> None:

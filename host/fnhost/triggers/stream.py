@@ -91,6 +91,7 @@ class StreamTrigger(Trigger):
         self._ack_sync = spec.ack == "sync"
         self._ack_wait = trigger.ack_wait
         self._pings = spec.progress_pings
+        self._max_deliver = spec.retry.max_deliver
         self._credit = 0
         self._refusing = False
         self._last_heard = 0.0
@@ -125,7 +126,8 @@ class StreamTrigger(Trigger):
             self._recovery.cancel()
         # Pull requests cannot be withdrawn: until they expire or the inbox goes, the
         # server may still deliver. Those messages are nak'ed at once (see _on_delivery)
-        # rather than dropped, which would hold them back until ack_wait.
+        # rather than dropped, which would hold them back until ack_wait; all but a last
+        # allowed delivery, which runs.
         self._refusing = True
 
     async def drain(self, grace: float) -> bool:
@@ -202,8 +204,10 @@ class StreamTrigger(Trigger):
         if not msg.reply:
             self._on_status(msg)
             return
-        if self._refusing:
-            # Redelivered at once, to another host or after the restart.
+        if self._refusing and delivery_of(msg.reply)[0] < self._max_deliver:
+            # Redelivered at once, to another host or after the restart. A nak counts
+            # as a delivery, so a message's last allowed one runs here instead, within
+            # the drain's grace: nak'ed, it would never run again.
             with contextlib.suppress(nats.errors.Error):
                 await self.nc.publish(msg.reply, b"-NAK")
             return
