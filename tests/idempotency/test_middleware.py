@@ -9,6 +9,7 @@ store the handler commits its effect and its key in one transaction.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -239,6 +240,36 @@ async def test_store_back_with_no_message_left_to_use_it_clears_readiness(
         lambda: readiness(host) == [], timeout=30, message="ready again without a message"
     )
     assert runs(host) == []
+
+
+LONG_KEY = "".join(hashlib.sha256(b"%d" % n).hexdigest() for n in range(160))
+
+
+@pytest.mark.parametrize("store", ["kv", "postgres"])
+async def test_long_and_nul_keys_run_once_each(
+    host_factory: HostFactory, nc: NatsClient, store: str, request: pytest.FixtureRequest
+) -> None:
+    """A 10 KB key made the kv store's KV subject overflow the server's control line
+    (the server closed the host's connection: a crash loop) and PostgreSQL's index
+    row (an outage: nak until max_deliver); a NUL byte failed PostgreSQL too."""
+    spec = "{store: kv, key: 'raw_keys:key'}"
+    if store == "postgres":
+        dsn = request.getfixturevalue("postgres_dsn")
+        spec = f"{{store: postgres, url: '{dsn}', key: 'raw_keys:key'}}"
+    files = {
+        "fn.py": COUNTING,
+        "raw_keys.py": "import json\n\ndef key(data, ctx):\n    return json.loads(data)['k']\n",
+    }
+    host = await host_factory(manifest(spec), files)
+    keys = [LONG_KEY, LONG_KEY, LONG_KEY[:-1] + "!", "a\x00b", "a\x00b", "a\x00c"]
+    for n, key in enumerate(keys):
+        await nc.jetstream().publish("in.x", json.dumps({"n": n, "k": key}).encode())
+    await wait_for(lambda: settled(nc), timeout=30, message="every message acked")
+    assert sorted(runs(host)) == [0, 2, 3, 5]
+    counts = host.metrics.counts("work")
+    assert (counts.get("ack"), counts.get("duplicate"), counts.get("nak", 0)) == (4, 2, 0)
+    assert readiness(host) == []
+    assert not host.nc.is_closed
 
 
 POSTGRES_EFFECT = """\

@@ -7,6 +7,8 @@ Real servers: nats-server (kv), redis-server, PostgreSQL; nothing mocked.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import time
 
 import pytest
@@ -100,3 +102,48 @@ async def test_one_winner_in_a_race(make_store: StoreFactory, expired: bool) -> 
     states = sorted(r.state for r in results)
     assert states.count("new") == 1, states
     assert states.count("leased") == 23
+
+
+async def test_long_and_nul_keys_are_kept_under_distinct_short_keys(
+    make_store: StoreFactory,
+) -> None:
+    """A raw key of kilobytes (a big header, a long Nats-Msg-Id) made the kv store's
+    subject too long for the server (which then closed the connection) and
+    overflowed PostgreSQL's index row; a NUL byte cannot be stored in PostgreSQL
+    text. Such keys are stored under their digest, and two of them never meet."""
+    store = await make_store("a")
+    encode = store.encoder("fn")
+    # Incompressible: PostgreSQL compresses an index entry before it checks its size.
+    long = "".join(hashlib.sha256(b"%d" % n).hexdigest() for n in range(160))
+    raws = [long, long[:-1] + "!", "é" * 1500, "with\x00nul", "with\x00nuL"]
+    keys = [encode(raw) for raw in raws]
+    for key in keys:
+        begin = await store.begin(key, 30)
+        assert begin.state == "new"
+        await store.record(key, begin.token, 3600)
+    assert [(await store.begin(key, 30)).state for key in keys] == ["done"] * len(raws)
+    assert len(set(keys)) == len(raws)
+    assert all(len(key.encode()) <= 300 for key in keys), [len(key) for key in keys]
+    # A short raw key that spells a long key's digest is not that key.
+    digest = keys[0].removeprefix(encode(""))
+    assert encode(digest) != keys[0]
+    assert (await store.begin(encode(digest), 30)).state == "new"
+
+
+async def test_short_keys_keep_the_encoding_of_records_already_stored(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store("a")
+    encode = store.encoder("fn")
+    if store.name == "kv":
+        limit = "k" * 192  # 256 characters of base64url
+        b64 = base64.urlsafe_b64encode(limit.encode()).decode()
+        assert encode("msg-1") == "fn.bXNnLTE"
+        assert encode(limit) == "fn." + b64
+    else:
+        prefix = "idem:fn/" if store.name == "redis" else "fn/"
+        limit = "k" * 256
+        assert encode("msg-1") == prefix + "msg-1"
+        assert encode("IN:7:1700000000000000000") == prefix + "IN:7:1700000000000000000"
+        assert encode(limit) == prefix + limit
+    assert encode(limit + "k") != encode(limit) + "k"  # one byte more: digested

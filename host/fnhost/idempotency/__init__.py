@@ -24,6 +24,8 @@ its keys in Python; the kv store keeps its live leases and open record groups
 
 One module per store: :mod:`.memory`, :mod:`.kv`, :mod:`.redis`,
 :mod:`.postgres` (the last two import their client library only when used).
+Every store's :meth:`Store.encoder` puts a long or unstorable key's digest
+in its place (:mod:`.keys`).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
+from fnhost.idempotency.keys import MAX_KEY_BYTES, digest
 from fnhost_sdk.replies import Replies, replies_for
 
 if TYPE_CHECKING:
@@ -173,8 +174,13 @@ class KVStore:
         b64 = base64.urlsafe_b64encode
 
         def encode(key: str) -> str:
-            # KV keys allow few characters; base64url uses only allowed ones.
-            return prefix + b64(key.encode()).rstrip(b"=").decode()
+            # KV keys allow few characters; base64url uses only allowed ones. A long
+            # one would overflow the server's control line: its digest stands in.
+            try:
+                encoded = b64(key.encode()).rstrip(b"=").decode()
+            except UnicodeEncodeError:
+                return prefix + digest(key)
+            return prefix + (encoded if len(encoded) <= MAX_KEY_BYTES else digest(key))
 
         return encode
 

@@ -12,6 +12,7 @@ import itertools
 import time
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, Token, leased, new
+from fnhost.idempotency.keys import plain_encoder
 
 SWEEP_EVERY = 4096
 """Begins between two sweeps of expired entries."""
@@ -30,7 +31,7 @@ class MemoryStore:
 
     def encoder(self, function: str) -> KeyEncoder:
         prefix = f"{function}/"
-        return prefix.__add__
+        return plain_encoder(prefix)
 
     async def start(self) -> None:
         return None

@@ -32,6 +32,7 @@ import logging
 from typing import Any
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
+from fnhost.idempotency.keys import plain_encoder
 from fnhost_sdk.idempotency import LeaseLost
 
 log = logging.getLogger("fnhost.idempotency")
@@ -82,7 +83,7 @@ class PostgresStore:
 
     def encoder(self, function: str) -> KeyEncoder:
         prefix = f"{function}/"
-        return prefix.__add__
+        return plain_encoder(prefix)
 
     async def start(self) -> None:
         try:

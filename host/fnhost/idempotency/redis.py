@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
+from fnhost.idempotency.keys import plain_encoder
 
 log = logging.getLogger("fnhost.idempotency")
 
@@ -72,7 +73,7 @@ class RedisStore:
 
     def encoder(self, function: str) -> KeyEncoder:
         prefix = f"{self.bucket}:{function}/"
-        return prefix.__add__
+        return plain_encoder(prefix)
 
     async def start(self) -> None:
         try:
