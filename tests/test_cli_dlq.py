@@ -101,7 +101,7 @@ def stream_messages(url: str, stream: str) -> list[RawStreamMsg]:
     async def work(js: JetStreamContext) -> list[RawStreamMsg]:
         state = (await js.stream_info(stream)).state
         found = []
-        for seq in range(state.first_seq, state.last_seq + 1):
+        for seq in range(max(state.first_seq, 1), state.last_seq + 1):  # 0: never stored
             try:
                 found.append(await js.get_msg(stream, seq))
             except nats.js.errors.NotFoundError:
@@ -199,6 +199,7 @@ def test_replay_one_sends_it_back_to_its_original_subject_and_removes_it(
         "X-Trace": "t1",
         "Nats-Msg-Id": "order-1:replay:1",
         "Fnhost-Replayed": "DLQ:1",
+        "Nats-Expected-Stream": "IN",  # only the original stream may store it
     }
     assert [m.seq for m in stream_messages(nats_server.url, "DLQ")] == [2, 3]
 
@@ -282,3 +283,23 @@ def test_dlq_is_a_subcommand_of_fnhost() -> None:
     assert result.exit_code == 0
     for command in ("ls", "show", "replay", "purge"):
         assert command in result.output
+
+
+def test_replay_keeps_a_letter_another_stream_than_its_original_stored(
+    manifest: Path, nats_server: NatsServer
+) -> None:
+    """IN was removed and OTHER now captures in.work: the replay is refused, the letter kept."""
+    store_dead_letters(nats_server.url, LETTERS)
+
+    async def swap(js: JetStreamContext) -> None:
+        await js.delete_stream("IN")
+        await js.add_stream(name="OTHER", subjects=["in.>"])
+
+    run_js(nats_server.url, swap)
+    result = dlq_cli(manifest, nats_server.url, "replay", "1")
+    assert result.exit_code == 1, result.output
+    assert "not replayed" in result.output
+    assert "stream OTHER captures 'in.work' now, not the original stream IN" in result.output
+    assert "replayed 0 dead letter(s), 1 failed" in result.output
+    assert stream_messages(nats_server.url, "OTHER") == []
+    assert [m.seq for m in stream_messages(nats_server.url, "DLQ")] == [1, 2, 3]

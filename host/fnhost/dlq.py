@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -79,6 +80,12 @@ FETCH_WAIT = 5.0
 
 NO_MESSAGE_FOUND = 10037
 """JetStream's error code for a message get past the last match (vs. a missing stream)."""
+
+EXPECTED_STREAM = "Nats-Expected-Stream"
+"""A publish header JetStream checks: a stream of another name refuses the message."""
+
+WRONG_STREAM = 10060
+"""JetStream's error code for a publish whose ``Nats-Expected-Stream`` is not the storing stream."""
 
 # Directives to JetStream on the original publish, not message content. On the
 # copy they would act on the DLQ stream: ``Nats-Rollup`` would purge every
@@ -461,11 +468,35 @@ def replay_headers(record: DeadLetterRecord) -> dict[str, str]:
 
 async def replay(session: Session, record: DeadLetterRecord) -> PubAck:
     """Publish ``record`` to its original subject, wait for the PubAck, then delete it
-    from the DLQ. Raises :class:`ReplayError` or :class:`PublishError`."""
+    from the DLQ, only when the original stream (``Fnhost-Stream``) stored it.
+    Raises :class:`ReplayError` or :class:`PublishError`."""
     target = record.header(h.ORIGINAL_SUBJECT)
     if not target:
         raise ReplayError(f"{record.stream}/{record.seq} has no {h.ORIGINAL_SUBJECT} header")
-    ack = await session.publish_durable(target, record.data, replay_headers(record))
+    original = record.header(h.STREAM)
+    if not original:
+        raise ReplayError(
+            f"{record.stream}/{record.seq} has no {h.STREAM} header: "
+            "no way to tell that its original stream stores the replay"
+        )
+    # JetStream refuses the message unless the original stream is the one storing it.
+    headers = {**replay_headers(record), EXPECTED_STREAM: original}
+    try:
+        ack = await session.publish_durable(target, record.data, headers)
+    except nats.js.errors.APIError as exc:
+        if exc.err_code != WRONG_STREAM:
+            raise
+        other = "another stream"
+        with contextlib.suppress(nats.errors.Error):
+            other = f"stream {await session.js.find_stream_name_by_subject(target)}"
+        raise ReplayError(
+            f"{other} captures {target!r} now, not the original stream {original}: "
+            f"not stored ({exc.description})"
+        ) from None
+    if ack.stream != original:  # a server that ignores the header: keep the letter
+        raise ReplayError(
+            f"stream {ack.stream} stored the replay on {target!r}, not the original {original}"
+        )
     # Gone meanwhile (a concurrent replay or purge) is as good as deleted.
     with contextlib.suppress(NotFoundError):
         await session.js.delete_msg(record.stream, record.seq)
