@@ -8,6 +8,7 @@ their original subject and purge them.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -303,3 +304,44 @@ def test_replay_keeps_a_letter_another_stream_than_its_original_stored(
     assert "replayed 0 dead letter(s), 1 failed" in result.output
     assert stream_messages(nats_server.url, "OTHER") == []
     assert [m.seq for m in stream_messages(nats_server.url, "DLQ")] == [1, 2, 3]
+
+
+def raw_headers(raw: RawStreamMsg) -> dict[str, str]:
+    """A message get's headers read from its raw header block as UTF-8 (nats-py's own
+    parse turns non-ASCII into U+FFFD)."""
+    block = base64.b64decode(raw.hdrs or "").decode()
+    pairs = [line.split(":", 1) for line in block.split("\r\n")[1:] if line]  # past NATS/1.0
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def test_non_ascii_headers_survive_ls_show_and_replay(
+    manifest: Path, nats_server: NatsServer
+) -> None:
+    async def work(js: JetStreamContext) -> None:
+        await js.add_stream(name="IN", subjects=["in.>"])
+        await js.add_stream(name="DLQ", subjects=["dlq.>"])
+        headers = dlq.dead_letter_headers(
+            {"X-Note": "café ☕"},
+            subject="in.work",
+            function="work",
+            stream="IN",
+            sequence=4,
+            stored_at_us=1_764_000_000_000_004,
+            attempts=1,
+            error="ValueError: grüß",
+        )
+        await js.publish("dlq.work", b"{}", headers=headers)
+
+    run_js(nats_server.url, work)
+    listed = dlq_cli(manifest, nats_server.url, "ls")
+    assert listed.exit_code == 0, listed.output
+    assert "ValueError: grüß" in listed.output
+    shown = dlq_cli(manifest, nats_server.url, "show", "1")
+    assert shown.exit_code == 0, shown.output
+    assert "ValueError: grüß" in shown.output and "café ☕" in shown.output
+    assert "\ufffd" not in listed.output + shown.output
+
+    replayed = dlq_cli(manifest, nats_server.url, "replay", "1")
+    assert replayed.exit_code == 0, replayed.output
+    (back,) = stream_messages(nats_server.url, "IN")
+    assert raw_headers(back)["X-Note"] == "café ☕"

@@ -26,6 +26,7 @@ advisories of another manifest's functions on the same server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -413,18 +414,32 @@ class DeadLetterRecord:
 
     @classmethod
     def from_raw(cls, stream: str, raw: RawStreamMsg) -> DeadLetterRecord:
-        return cls(
-            stream,
-            raw.seq or 0,
-            raw.subject or "",
-            raw.data or b"",
-            {k: str(v) for k, v in (raw.headers or {}).items()},
-            raw.time,
+        """From a message get; headers from its raw block (see :func:`parse_header_block`)."""
+        headers = (
+            parse_header_block(base64.b64decode(raw.hdrs))
+            if raw.hdrs
+            else {k: str(v) for k, v in (raw.headers or {}).items()}
         )
+        return cls(stream, raw.seq or 0, raw.subject or "", raw.data or b"", headers, raw.time)
 
     def header(self, name: str) -> str:
         """A header's value, ``""`` when absent."""
         return self.headers.get(name, "")
+
+
+def parse_header_block(block: bytes) -> dict[str, str]:
+    """The headers of a raw ``NATS/1.0`` header block, values decoded as UTF-8.
+
+    nats-py's message get parses them with the e-mail parser, which turns every
+    non-ASCII byte into U+FFFD (``Fnhost-Error: ValueError: grüß``); clients
+    send UTF-8. A name given twice keeps its last value, as nats-py does.
+    """
+    headers: dict[str, str] = {}
+    for line in block.decode(errors="replace").split("\r\n")[1:]:  # past the NATS/1.0 line
+        name, colon, value = line.partition(":")
+        if colon and name.strip():
+            headers[name.strip()] = value.strip()
+    return headers
 
 
 async def iter_dead_letters(
