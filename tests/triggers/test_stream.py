@@ -802,6 +802,44 @@ async def test_a_consumer_deleted_while_no_pull_was_waiting_is_recreated(
     await wait_for(lambda: 2 in module.STARTED, timeout=20, message="messages flow again")
 
 
+async def test_a_pull_given_up_while_the_server_was_frozen_does_not_come_back_on_top(
+    host_factory, js: JetStreamContext, nats_server, monkeypatch
+) -> None:
+    """Heartbeats stop while the server is frozen (SIGSTOP), so the host gives its pull
+    request up and asks again. That request was not lost: when the server wakes, it
+    must not be served as well, or the host would hold more messages than its
+    concurrency, and one would wait unpinged in the backlog past its ack wait."""
+    monkeypatch.setitem(StreamTrigger.__init__.__kwdefaults__, "idle_heartbeat", 1.0)
+    host = await host_factory(manifest(concurrency="1"), {"fn.py": GATED})
+    module = module_of(host)
+    trigger = host.functions["work"].trigger
+    assert isinstance(trigger, StreamTrigger)
+    await wait_for(lambda: _pulls_waiting(js), message="the host's pull request waits")
+
+    given_up_inbox = trigger._inbox
+    nats_server.pause()
+    try:
+        await wait_for(
+            lambda: trigger._inbox != given_up_inbox,
+            timeout=30,
+            message="the host gave its pull up and asked again",
+        )
+    finally:
+        nats_server.resume()
+    await js.publish("in.a", b'{"i": 1}')
+    await wait_for(lambda: module.STARTED == [1], message="the first message running")
+    await js.publish("in.a", b'{"i": 2}')
+
+    # The host has no slot for message 2: a pull request of the test's own gets it.
+    mine = await js.pull_subscribe_bind("work", stream="IN")
+    [second] = await mine.fetch(1, timeout=15)
+    assert json.loads(second.data) == {"i": 2}
+    await second.nak()
+    assert trigger.held <= 1
+    module.GATE.set()
+    await settled(js, total=2)
+
+
 # --------------------------------------------------------------- long handlers
 
 LONG = """\

@@ -142,9 +142,34 @@ class StreamTrigger(Trigger):
                     await sub.unsubscribe()
 
     def on_reconnect(self) -> None:
-        # A restarted server forgot our pull requests; ask again at once.
-        self._credit = 0
+        # A restarted server forgot our pull requests; one that was only unreachable
+        # still holds them. Ask again at once, from a fresh inbox either way.
+        if not self._refusing and (self._recovery is None or self._recovery.done()):
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._reconnected(), name=f"fnhost-repull-{self.name}"
+            )
+
+    async def _reconnected(self) -> None:
+        await self._pull_afresh()
         self._wake.set()
+
+    async def _pull_afresh(self) -> None:
+        """Forget our pull requests and take deliveries on a new inbox from now on.
+
+        A pull request we gave up may still be on the server (it was frozen, or only
+        the connection broke): served on top of the new ones, it would hand the host
+        more messages than its concurrency. The server drops a waiting pull request
+        whose reply subject nobody listens to, so the old inbox's is never served.
+        """
+        old = self._sub
+        self._inbox = self.nc.new_inbox()
+        self._credit = 0
+        try:
+            self._sub = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
+            if old is not None:
+                await old.unsubscribe()
+        except nats.errors.Error as exc:
+            log.warning("function %s: cannot move the pull to a new inbox: %s", self.name, exc)
 
     async def _pull_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -188,7 +213,6 @@ class StreamTrigger(Trigger):
         log.warning(
             "function %s: pull on %s/%s lost (%s)", self.name, self.stream, self.durable, why
         )
-        self._credit = 0
         try:
             await self._ensure_consumer()
         except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -196,6 +220,10 @@ class StreamTrigger(Trigger):
                 "function %s: cannot re-create consumer %s: %s", self.name, self.durable, exc
             )
             await asyncio.sleep(1.0)
+        # Only now: with the credit gone earlier, a slot freed meanwhile would send a
+        # pull request to a consumer not yet re-created, and its 503 would be ignored
+        # (this recovery still runs), leaving the credit stuck until heartbeats run out.
+        await self._pull_afresh()
         self._last_heard = asyncio.get_running_loop().time()
         self._wake.set()
 
