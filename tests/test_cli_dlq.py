@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +17,7 @@ from typing import TypeVar
 import nats
 import nats.js.errors
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
 from rich.console import Console
@@ -345,3 +347,54 @@ def test_non_ascii_headers_survive_ls_show_and_replay(
     assert replayed.exit_code == 0, replayed.output
     (back,) = stream_messages(nats_server.url, "IN")
     assert raw_headers(back)["X-Note"] == "café ☕"
+
+
+class CoreSubscriber:
+    """A plain (non-stream) subscriber on ``subject``, on its own thread and event loop
+    (CliRunner blocks the test's thread); ``received`` lists what it got."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        self.received: list[bytes] = []
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._thread = threading.Thread(
+            target=self._loop.run_until_complete, args=(self._run(url, subject),)
+        )
+        self._thread.start()
+        assert self._ready.wait(10), "subscriber not ready"
+
+    async def _run(self, url: str, subject: str) -> None:
+        nc = await nats.connect(url)
+
+        async def got(msg: Msg) -> None:
+            self.received.append(msg.data)
+
+        await nc.subscribe(subject, cb=got)
+        await nc.flush()
+        self._ready.set()
+        await self._stop.wait()
+        await nc.drain()
+
+    def close(self) -> list[bytes]:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self._loop.close()
+        return self.received
+
+
+def test_replay_to_a_subject_no_stream_captures_is_refused_before_publishing(
+    manifest: Path, nats_server: NatsServer
+) -> None:
+    store_dead_letters(nats_server.url, LETTERS)
+    run_js(nats_server.url, lambda js: js.delete_stream("IN"))
+    listener = CoreSubscriber(nats_server.url, "in.>")
+    try:
+        result = dlq_cli(manifest, nats_server.url, "replay", "1")
+    finally:
+        received = listener.close()
+    assert result.exit_code == 1, result.output
+    assert "no stream captures 'in.work'" in result.output
+    assert "replayed 0 dead letter(s), 1 failed" in result.output
+    assert received == []  # not published at all: no copy to core subscribers
+    assert [m.seq for m in stream_messages(nats_server.url, "DLQ")] == [1, 2, 3]

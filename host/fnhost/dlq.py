@@ -494,7 +494,21 @@ async def replay(session: Session, record: DeadLetterRecord) -> PubAck:
             f"{record.stream}/{record.seq} has no {h.STREAM} header: "
             "no way to tell that its original stream stores the replay"
         )
-    # JetStream refuses the message unless the original stream is the one storing it.
+    # Checked before publishing: a core subscriber would get a message no stream stores,
+    # and again on every retry or replay.
+    try:
+        capturing = await session.js.find_stream_name_by_subject(target)
+    except NotFoundError:
+        raise ReplayError(
+            f"no stream captures {target!r} (the original stream {original} is gone?): "
+            "not published"
+        ) from None
+    if capturing != original:
+        raise ReplayError(
+            f"stream {capturing} captures {target!r} now, not the original stream {original}: "
+            "not published"
+        )
+    # And checked by JetStream, should the streams change meanwhile.
     headers = {**replay_headers(record), EXPECTED_STREAM: original}
     try:
         ack = await session.publish_durable(target, record.data, headers)
