@@ -8,6 +8,7 @@ dev`` that they find through ``.fnhost/nats.url`` while port 4222 is busy;
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -20,11 +21,12 @@ from typing import Any
 import nats
 import pytest
 import typer.main
+from nats.aio.msg import Msg
 from typer.testing import CliRunner
 
 from fnhost.cli import app
 from fnhost.embedded import DEFAULT_PORT
-from fnhost_sdk.server import free_port
+from fnhost_sdk.server import NatsServer, free_port
 from fnhost_sdk.testing import NatsServerFactory, assert_no_stray_servers
 from fnhost_sdk.waiting import wait_for_sync
 from support.cli import DevServer, fnhost, hold_port
@@ -388,6 +390,38 @@ async def test_publish_reads_stdin_and_the_stream_holds_the_bytes(dev_project: P
         await nc.close()
     assert stored.data == body.encode()
     assert stored.headers is not None and stored.headers.get("Nats-Msg-Id") == "stdin-1"
+
+
+STREAM_MANIFEST = """\
+version: 1
+http: false
+streams:
+  ODD: {subjects: ["odd.>"]}
+functions:
+  shout:
+    module: ok.py
+    trigger: {request: shout}
+"""
+
+
+async def test_publish_answered_by_something_else_than_a_stream_says_so(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The manifest's stream ODD is not on the server; a core responder answers on odd.x."""
+    project = _project(tmp_path, STREAM_MANIFEST)
+    nc = await nats.connect(nats_server.url)
+    try:
+
+        async def answer(msg: Msg) -> None:
+            await msg.respond(b"HELLO, not a PubAck")
+
+        await nc.subscribe("odd.x", cb=answer)
+        await nc.flush()
+        args = ("publish", "odd.x", "x", "--nats", nats_server.url)
+        result = await asyncio.to_thread(fnhost, *args, cwd=project)
+    finally:
+        await nc.close()
+    _assert_user_error(result, "'odd.x'", "not a JetStream PubAck", "HELLO, not a PubAck")
 
 
 def test_client_commands_without_a_running_dev_server_say_so(tmp_path: Path) -> None:

@@ -143,12 +143,36 @@ async def publish_to_stream(
     *,
     timeout: float = 5.0,
 ) -> PubAck:
-    """What ``js.publish`` does, raising the same errors, pipelined through :func:`replies_for`."""
+    """What ``js.publish`` does, raising the same errors, pipelined through :func:`replies_for`.
+
+    An answer that is neither a PubAck nor a JetStream error (a core subscriber
+    replied on a subject no stream captures) raises :class:`NotPubAckError`.
+    """
     try:
         msg = await replies_for(nc).request(subject, payload, headers, timeout)
     except nats.errors.NoRespondersError:
         raise nats.js.errors.NoStreamResponseError from None
-    answer = json.loads(msg.data)
-    if "error" in answer:
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
         nats.js.errors.APIError.from_error(answer["error"])  # raises the specific error
+    if not (isinstance(answer, dict) and "stream" in answer and "seq" in answer):
+        raise NotPubAckError(subject, msg.data)
     return PubAck.from_response(answer)
+
+
+class NotPubAckError(nats.js.errors.Error):
+    """The answer to a stream publish is no PubAck: a core responder, not a stream, answered."""
+
+    def __init__(self, subject: str, answer: bytes) -> None:
+        super().__init__(
+            f"the answer on {subject!r} is not a JetStream PubAck (a core subscriber "
+            f"replied, not a stream?): {answer[:100]!r}"
+        )
+        self.subject = subject
+        self.answer = answer
+
+    def __str__(self) -> str:
+        return self.description or ""

@@ -24,7 +24,7 @@ from nats.js.object_store import ObjectStore
 from fnhost_sdk import headers as h
 from fnhost_sdk.codec import decoder_for, encode
 from fnhost_sdk.errors import FnhostError, ServiceError
-from fnhost_sdk.replies import publish_to_stream
+from fnhost_sdk.replies import NotPubAckError, publish_to_stream
 
 T = TypeVar("T")
 
@@ -47,7 +47,8 @@ _RETRYABLE_PUBLISH_ERRORS = (
 
 
 class PublishError(FnhostError):
-    """A stream publish got no PubAck before its deadline."""
+    """A stream publish that stored nothing: no PubAck before its deadline, or an answer
+    that is not a PubAck."""
 
 
 class Session:
@@ -133,6 +134,8 @@ class Session:
                 return await publish_to_stream(
                     self.nc, subject, payload, headers, timeout=min(5.0, max(remaining, 0.1))
                 )
+            except NotPubAckError as exc:  # retrying would only bother the responder again
+                raise PublishError(str(exc)) from exc
             except _RETRYABLE_PUBLISH_ERRORS as exc:
                 if loop.time() + pause >= deadline:
                     raise PublishError(
