@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -398,3 +399,61 @@ def test_replay_to_a_subject_no_stream_captures_is_refused_before_publishing(
     assert "replayed 0 dead letter(s), 1 failed" in result.output
     assert received == []  # not published at all: no copy to core subscribers
     assert [m.seq for m in stream_messages(nats_server.url, "DLQ")] == [1, 2, 3]
+
+
+TWO_DLQS = """\
+version: 1
+http: false
+streams:
+  IN: {subjects: ["in.>"]}
+  DLQ_A: {subjects: ["dlqa.>"]}
+  DLQ_B: {subjects: ["dlqb.>"]}
+functions:
+  work:
+    module: fn.py
+    trigger: {stream: IN, subjects: [in.work], durable: work}
+    dead_letter: dlqa.work
+  other:
+    module: fn.py
+    trigger: {stream: IN, subjects: [in.other], durable: other}
+    dead_letter: dlqb.other
+"""
+
+
+def test_ls_is_oldest_first_across_dlq_streams_and_the_limit_keeps_the_oldest(
+    manifest: Path, nats_server: NatsServer
+) -> None:
+    manifest.write_text(TWO_DLQS)
+
+    async def work(js: JetStreamContext) -> None:
+        await js.add_stream(name="DLQ_A", subjects=["dlqa.>"])
+        await js.add_stream(name="DLQ_B", subjects=["dlqb.>"])
+        # Stored in turn: A1 B1 A2 B2 A3 (each publish waits for its PubAck).
+        for n, (function, subject) in enumerate(
+            [("work", "dlqa.work"), ("other", "dlqb.other")] * 2 + [("work", "dlqa.work")]
+        ):
+            headers = dlq.dead_letter_headers(
+                {},
+                subject=f"in.{function}",
+                function=function,
+                stream="IN",
+                sequence=n + 1,
+                stored_at_us=None,
+                attempts=1,
+                error=f"ValueError: letter {n}",
+            )
+            await js.publish(subject, b"{}", headers=headers)
+
+    run_js(nats_server.url, work)
+
+    def listed(*args: str) -> list[str]:
+        result = dlq_cli(manifest, nats_server.url, "ls", *args)
+        assert result.exit_code == 0, result.output
+        return re.findall(r"letter \d", result.output)
+
+    assert listed() == [f"letter {n}" for n in range(5)]
+    three = dlq_cli(manifest, nats_server.url, "ls", "-n", "3")
+    assert re.findall(r"letter \d", three.output) == ["letter 0", "letter 1", "letter 2"]
+    assert "3 shown (--limit reached: there are more)" in three.output
+    assert "5 shown" in dlq_cli(manifest, nats_server.url, "ls", "-n", "5").output
+    assert "limit" not in dlq_cli(manifest, nats_server.url, "ls", "-n", "5").output

@@ -10,6 +10,8 @@ invoke`` finds it: ``--nats``, ``NATS_URL``, the manifest, the embedded server.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -154,16 +156,25 @@ def _run(scope: _Scope, work: Callable[[Session], Awaitable[T]]) -> T:
         raise _fail(f"NATS at {scope.url}: {exc}") from None
 
 
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
 async def _collect(
     js: JetStreamContext, scope: _Scope, limit: int | None = None
 ) -> list[dlq.DeadLetterRecord]:
-    records: list[dlq.DeadLetterRecord] = []
+    """The scope's dead letters, oldest first across its DLQ streams (by stored time);
+    the ``limit`` oldest when given."""
+    per_stream: list[list[dlq.DeadLetterRecord]] = []
     for stream, subjects in scope.streams.items():
+        records: list[dlq.DeadLetterRecord] = []
         async for record in dlq.iter_dead_letters(js, stream, subjects, scope.function):
             records.append(record)
             if limit is not None and len(records) >= limit:
-                return records
-    return records
+                break  # the rest of this stream is newer
+        per_stream.append(records)
+    # Each stream's list is in sequence order: merging keeps it, whatever the clock did.
+    merged = heapq.merge(*per_stream, key=lambda record: record.time or _NEVER)
+    return list(itertools.islice(merged, limit))
 
 
 async def _get(js: JetStreamContext, scope: _Scope, seq: int) -> dlq.DeadLetterRecord:
@@ -192,7 +203,10 @@ def list_dead_letters(
 ) -> None:
     """List dead letters, oldest first."""
     scope = _scope(manifest, nats_url, function)
-    records = _run(scope, lambda session: _collect(session.js, scope, limit))
+    # One more than shown tells whether there are more.
+    records = _run(scope, lambda session: _collect(session.js, scope, limit + 1))
+    more = len(records) > limit
+    records = records[:limit]
     if not records:
         out.print("no dead letters")
         return
@@ -210,8 +224,8 @@ def list_dead_letters(
         cells += [r.header(h.ERROR), _age(r)]
         table.add_row(*(Text(cell) for cell in cells))
     out.print(table)
-    more = " (--limit reached: there may be more)" if len(records) >= limit else ""
-    out.print(f"{len(records)} shown{more}")
+    note = " (--limit reached: there are more)" if more else ""
+    out.print(f"{len(records)} shown{note}")
 
 
 @dlq_app.command()
