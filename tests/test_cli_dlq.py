@@ -457,3 +457,21 @@ def test_ls_is_oldest_first_across_dlq_streams_and_the_limit_keeps_the_oldest(
     assert "3 shown (--limit reached: there are more)" in three.output
     assert "5 shown" in dlq_cli(manifest, nats_server.url, "ls", "-n", "5").output
     assert "limit" not in dlq_cli(manifest, nats_server.url, "ls", "-n", "5").output
+
+
+def test_purge_checks_every_dlq_stream_first_and_names_a_missing_one(
+    manifest: Path, nats_server: NatsServer
+) -> None:
+    manifest.write_text(TWO_DLQS)
+
+    async def work(js: JetStreamContext) -> None:
+        await js.add_stream(name="DLQ_A", subjects=["dlqa.>"])  # DLQ_B is missing
+        await js.publish("dlqa.work", b"{}", headers={"Fnhost-Function": "work"})
+
+    run_js(nats_server.url, work)
+    for args in (("purge", "--yes"), ("ls",), ("replay", "--all", "--yes")):
+        result = dlq_cli(manifest, nats_server.url, *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert "dead-letter stream 'DLQ_B' not found on the server" in result.output, args
+        assert "Traceback" not in result.output
+    assert len(stream_messages(nats_server.url, "DLQ_A")) == 1  # nothing purged

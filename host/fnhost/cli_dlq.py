@@ -142,7 +142,9 @@ def _run(scope: _Scope, work: Callable[[Session], Awaitable[T]]) -> T:
     async def main() -> T:
         nc = await connect_briefly(scope.url, scope.nats)
         try:
-            return await work(Session(nc, publish_deadline=REPLAY_DEADLINE))
+            session = Session(nc, publish_deadline=REPLAY_DEADLINE)
+            await _check_streams(session.js, scope)
+            return await work(session)
         finally:
             await nc.close()
 
@@ -157,6 +159,19 @@ def _run(scope: _Scope, work: Callable[[Session], Awaitable[T]]) -> T:
 
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+async def _check_streams(js: JetStreamContext, scope: _Scope) -> None:
+    """Every DLQ stream of the scope exists, before a command reads or deletes anything
+    (a purge must not delete from some and then stop at a missing one)."""
+    for stream in sorted(scope.streams):
+        try:
+            await js.stream_info(stream)
+        except NotFoundError:
+            raise _fail(
+                f"dead-letter stream {stream!r} not found on the server "
+                "(a host creates it when it starts with this manifest): nothing done"
+            ) from None
 
 
 async def _collect(
