@@ -475,3 +475,20 @@ def test_dev_serves_http_on_another_port_when_the_manifests_is_taken(tmp_path: P
         run = _project(tmp_path / "run", manifest, DEV_FILES)
         result = fnhost("run", "fn.yaml", cwd=run, timeout=60)
         _assert_user_error(result, f"cannot serve HTTP on 127.0.0.1:{taken}", "http.port")
+
+
+async def test_publish_to_a_full_stream_fails_at_once_with_the_reason(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """JetStream refuses a message over max_msgs (discard new) with err_code 10077: final."""
+    project = _project(tmp_path, STREAM_MANIFEST)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="ODD", subjects=["odd.>"], max_msgs=1, discard="new")
+        await js.publish("odd.x", b"first")
+        args = ("publish", "odd.x", "second", "--nats", nats_server.url)
+        result = await asyncio.to_thread(fnhost, *args, cwd=project)
+    finally:
+        await nc.close()
+    _assert_user_error(result, "'odd.x'", "maximum messages exceeded")

@@ -45,10 +45,15 @@ _RETRYABLE_PUBLISH_ERRORS = (
     nats.js.errors.ServiceUnavailableError,
 )
 
+STREAM_REFUSED = 10077
+"""JetStream's error code (with a 503) for a message its stream will not store: over a
+limit with ``discard: new`` (``maximum messages exceeded``, ``maximum bytes exceeded``,
+``maximum messages per subject exceeded``). Retrying cannot help: it fails at once."""
+
 
 class PublishError(FnhostError):
-    """A stream publish that stored nothing: no PubAck before its deadline, or an answer
-    that is not a PubAck."""
+    """A stream publish that stored nothing: no PubAck before its deadline, the stream's
+    refusal (:data:`STREAM_REFUSED`), or an answer that is not a PubAck."""
 
 
 class Session:
@@ -137,6 +142,11 @@ class Session:
             except NotPubAckError as exc:  # retrying would only bother the responder again
                 raise PublishError(str(exc)) from exc
             except _RETRYABLE_PUBLISH_ERRORS as exc:
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == STREAM_REFUSED:
+                    raise PublishError(
+                        f"the stream refused {subject!r}: {exc.description} "
+                        f"(JetStream error {exc.err_code})"
+                    ) from exc
                 if loop.time() + pause >= deadline:
                     raise PublishError(
                         f"no PubAck for {subject!r} within {self._publish_deadline:g}s: "
