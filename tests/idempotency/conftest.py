@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -14,16 +18,28 @@ from fnhost.idempotency.memory import MemoryStore
 from fnhost.idempotency.postgres import PostgresStore
 from fnhost.idempotency.redis import RedisStore
 from fnhost_sdk.server import NatsServer
-from support.databases import postgres_dsn, postgres_server, redis_server, redis_url
+from fnhost_sdk.waiting import wait_for_sync
+from support import require
+from support.databases import (
+    PostgresServer,
+    postgres_available,
+    postgres_dsn,
+    postgres_server,
+    redis_server,
+    redis_url,
+)
 
 __all__ = [
     "KV_BUCKET",
     "StoreFactory",
+    "freeze",
     "make_store",
     "postgres_dsn",
     "postgres_server",
+    "private_postgres",
     "redis_server",
     "redis_url",
+    "thaw",
 ]
 
 StoreFactory = Callable[[str], Awaitable[Store]]
@@ -67,3 +83,58 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFacto
         await store.close()
     for close in closers:
         await close()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, which it may restart or freeze."""
+    require("PostgreSQL (initdb)", postgres_available())
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        thaw(server)
+        server.close()
+
+
+def _postmaster(server: PostgresServer) -> int:
+    return int((server.data / "postmaster.pid").read_text().split()[0])
+
+
+def _processes(postmaster: int) -> dict[int, bytes]:
+    """The postmaster and its children (each its own session): pid -> state."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited
+        if int(entry.name) == postmaster or int(fields[1]) == postmaster:
+            found[int(entry.name)] = fields[0]
+    return found
+
+
+def freeze(server: PostgresServer) -> None:
+    """SIGSTOP the postmaster, then its backends and helpers: sockets stay open,
+    nothing answers. Returns once every one of them is stopped (or a zombie)."""
+    postmaster = _postmaster(server)
+    os.kill(postmaster, signal.SIGSTOP)  # first: it forks no new backend meanwhile
+    for pid in _processes(postmaster):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    wait_for_sync(
+        lambda: all(state in b"TtZX" for state in _processes(postmaster).values()),
+        timeout=10,
+        message="PostgreSQL stopped",
+    )
+
+
+def thaw(server: PostgresServer) -> None:
+    """SIGCONT after :func:`freeze` (harmless when not frozen or not running)."""
+    with contextlib.suppress(OSError, ValueError):
+        postmaster = _postmaster(server)
+        for pid in _processes(postmaster):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

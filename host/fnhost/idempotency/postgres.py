@@ -20,15 +20,24 @@ Times come from the database's clock, so hosts with skewed clocks agree.
 - release: delete our own lease row.
 
 Expired rows are deleted now and then (every ``SWEEP_EVERY`` begins).
-Connections: a small pool of autocommit connections (``POOL_SIZE``).
+Connections: a small pool of autocommit connections (``POOL_SIZE``). A
+connection the server hung up on while it idled in the pool (a restart) is
+replaced before use, so a restart fails no call that comes after it. A
+server that does not answer within ``TIMEOUT`` (frozen, or a network that
+drops packets) fails the call with :class:`StoreUnavailable` like one that is
+down (``CONNECT_TIMEOUT`` for a new connection).
 Needs psycopg 3 (``pip install 'fnhost[postgres]'``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
+import select
+import socket
 from typing import Any
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
@@ -40,6 +49,9 @@ log = logging.getLogger("fnhost.idempotency")
 POOL_SIZE = 8
 """Connections the store keeps to the database."""
 CONNECT_TIMEOUT = 5
+"""Seconds to wait for a new connection."""
+TIMEOUT = 5.0
+"""Seconds to wait for a statement's answer (a frozen server is an outage, not a hang)."""
 SWEEP_EVERY = 4096
 
 _NOW = "extract(epoch from clock_timestamp())"
@@ -137,17 +149,24 @@ class PostgresStore:
         if pool is None:
             raise StoreUnavailable("the postgres store is not started")
         conn = await pool.get()
+        stalled: list[bool] = []
+        watchdog: asyncio.TimerHandle | None = None
         try:
+            if conn is not None and _cut(conn):
+                await conn.close()  # the server hung up while it idled (a restart)
+                conn = None
             if conn is None or conn.closed:
                 conn = await psycopg.AsyncConnection.connect(
                     self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
                 )
+            watchdog = asyncio.get_running_loop().call_later(TIMEOUT, _hang_up, conn, stalled)
             cursor = await conn.execute(query, params, prepare=True)
             result = await cursor.fetchall() if fetch else None
         except psycopg.Error as exc:
             if (
                 conn is not None
                 and not conn.closed
+                and not stalled
                 and not isinstance(exc, psycopg.OperationalError)
             ):
                 pool.put_nowait(conn)
@@ -155,14 +174,52 @@ class PostgresStore:
                 if conn is not None:
                     await conn.close()
                 pool.put_nowait(None)
+            if stalled:
+                raise StoreUnavailable(f"postgres did not answer within {TIMEOUT:g}s") from exc
             raise StoreUnavailable(f"postgres {type(exc).__name__}: {exc}".strip()) from exc
         except BaseException:
             if conn is not None:
                 await conn.close()
             pool.put_nowait(None)
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
         pool.put_nowait(conn)
         return result
+
+
+def _cut(conn: Any) -> bool:
+    """Whether a pooled connection is unusable. An idle connection is sent nothing
+    (no LISTEN here), so one with something to read was hung up on: the server's
+    goodbye (its restart or shutdown) or the end of the stream. It would fail the
+    next statement, so it is replaced before use instead."""
+    import psycopg
+
+    if conn.closed or conn.broken:
+        return True
+    try:
+        poll = select.poll()
+        poll.register(conn.fileno(), select.POLLIN)
+        return bool(poll.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
+def _hang_up(conn: Any, stalled: list[bool]) -> None:
+    """The database did not answer in time (a frozen server): shut the connection's
+    socket down, so the statement waiting on it fails at once with an
+    ``OperationalError``. The socket stays open (psycopg closes it), so its
+    descriptor is not reused while the event loop still watches it."""
+    import psycopg
+
+    stalled.append(True)
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, ValueError, psycopg.Error):
+        return
+    with sock, contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Recorder:
