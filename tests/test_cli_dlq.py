@@ -182,10 +182,11 @@ def test_show_prints_headers_and_the_body(manifest: Path, nats_server: NatsServe
     assert binary.exit_code == 0, binary.output
     assert "not json" in binary.output
 
-    missing = dlq_cli(manifest, nats_server.url, "show", "99")
-    assert missing.exit_code == 1
-    assert "no message at sequence 99" in missing.output
-    assert "Traceback" not in missing.output
+    for seq in ("99", "0"):
+        missing = dlq_cli(manifest, nats_server.url, "show", seq)
+        assert missing.exit_code == 1, missing.output
+        assert f"no dead letter {seq} in stream DLQ" in missing.output
+        assert "Traceback" not in missing.output and "BadRequest" not in missing.output
 
 
 def test_replay_one_sends_it_back_to_its_original_subject_and_removes_it(
@@ -209,7 +210,7 @@ def test_replay_one_sends_it_back_to_its_original_subject_and_removes_it(
 
     again = dlq_cli(manifest, nats_server.url, "replay", "1")
     assert again.exit_code == 1
-    assert "no message at sequence 1" in again.output
+    assert "no dead letter 1 in stream DLQ" in again.output
 
 
 def test_replay_a_function_or_all_asks_first(manifest: Path, nats_server: NatsServer) -> None:

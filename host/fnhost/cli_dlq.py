@@ -194,10 +194,13 @@ async def _collect(
 
 async def _get(js: JetStreamContext, scope: _Scope, seq: int) -> dlq.DeadLetterRecord:
     stream, subjects = scope.single_stream()
+    missing = f"no dead letter {seq} in stream {stream}"
+    if seq < 1:  # a message get for 0 is a bad request
+        raise _fail(f"{missing}: sequences start at 1")
     try:
         record = dlq.DeadLetterRecord.from_raw(stream, await js.get_msg(stream, seq))
     except NotFoundError:
-        raise _fail(f"no message at sequence {seq} in stream {stream}") from None
+        raise _fail(missing) from None
     if record.subject not in subjects:
         raise _fail(f"{stream}/{seq} is on {record.subject!r}, not a dead-letter subject here")
     return record
