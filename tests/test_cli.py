@@ -492,3 +492,18 @@ async def test_publish_to_a_full_stream_fails_at_once_with_the_reason(
     finally:
         await nc.close()
     _assert_user_error(result, "'odd.x'", "maximum messages exceeded")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli_deploy._with_nats reports BucketNotFoundError as 'cannot reach NATS'; "
+    "the fix belongs in host/fnhost/cli_deploy.py",
+)
+def test_rm_and_rollback_without_a_registry_say_nothing_is_deployed(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    project = _project(tmp_path, STREAM_MANIFEST)
+    for args in (("rm", "shout"), ("rollback", "shout")):
+        result = fnhost(*args, "--no-wait", "--nats", nats_server.url, cwd=project)
+        stderr = _assert_user_error(result, "nothing is deployed")
+        assert "cannot reach NATS" not in stderr
