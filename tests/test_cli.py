@@ -240,6 +240,15 @@ functions:
 """
 
 
+def test_options_that_do_not_go_together_are_a_usage_error_exit_2(tmp_path: Path) -> None:
+    """Like click's own usage errors (docs/cli.md): the usage line, exit 2."""
+    project = _project(tmp_path, STREAM_MANIFEST)
+    result = fnhost("run", "--workers", "2", "--reload", cwd=project)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Usage:" in result.stderr and "--reload" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_run_with_refused_credentials_exits_1_with_one_clear_line(
     tmp_path: Path, nats_server_factory: NatsServerFactory
 ) -> None:

@@ -239,10 +239,20 @@ def test_replay_a_function_or_all_asks_first(manifest: Path, nats_server: NatsSe
 
 
 def test_replay_needs_exactly_one_selection(manifest: Path, nats_server: NatsServer) -> None:
+    """A usage error: exit 2 with the usage line, as click's own (docs/cli.md)."""
     for args in ((), ("1", "--all"), ("--function", "work", "--all")):
         result = dlq_cli(manifest, nats_server.url, "replay", *args)
-        assert result.exit_code == 1, args
+        assert result.exit_code == 2, (args, result.output)
         assert "give exactly one of SEQ, --function NAME or --all" in result.output
+        assert "Usage:" in result.output
+
+
+def test_several_dlq_streams_need_stream_for_a_seq(manifest: Path, nats_server: NatsServer) -> None:
+    manifest.write_text(TWO_DLQS)
+    for command in ("show", "replay"):
+        result = dlq_cli(manifest, nats_server.url, command, "1")
+        assert result.exit_code == 2, (command, result.output)
+        assert "several DLQ streams (DLQ_A, DLQ_B): pass --stream" in result.output
 
 
 def test_purge_one_function_or_everything(manifest: Path, nats_server: NatsServer) -> None:

@@ -3,7 +3,8 @@
 Client commands (``invoke``, ``publish``, ...) find NATS by ``--nats``, then
 ``NATS_URL``, then the manifest; a manifest on ``embedded`` means the server a
 running ``fnhost dev`` wrote to ``.fnhost/nats.url``. User errors print one
-clear line each and exit 1; never a Python traceback.
+clear line each and exit 1; never a Python traceback. Usage errors exit 2
+(:class:`~fnhost.cli_dlq.UsageError` for arguments that do not go together).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fnhost.cli_deploy import register as register_deploy_commands
-from fnhost.cli_dlq import dlq_app
+from fnhost.cli_dlq import UsageError, dlq_app
 from fnhost.connection import ConnectError, connect_briefly
 from fnhost.errors import ConfigError, FnhostError, LoadError, ManifestError
 from fnhost.manifest import HttpConfig, Manifest, NatsConfig, load_manifest
@@ -271,7 +272,7 @@ def run(
     """Run the manifest's functions (production: JSON logs)."""
     if worker_count > 1:
         if reload:
-            raise _fail("--reload swaps code inside one host process; run without --workers")
+            raise UsageError("--reload swaps code inside one host process; run without --workers")
         _supervise(
             manifest,
             count=worker_count,

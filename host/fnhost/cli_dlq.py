@@ -78,6 +78,19 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+class UsageError(typer.BadParameter):
+    """Arguments that do not go together: the usage line and exit 2, like click's own
+    usage errors (``_fail`` is for user errors, exit 1).
+
+    A ``typer.BadParameter`` because that is the usage error every typer exposes:
+    recent ones vendor click, so a ``click.UsageError`` from the click package is
+    no error of theirs (a traceback, exit 1).
+    """
+
+    def format_message(self) -> str:
+        return self.message  # not "Invalid value: ..."
+
+
 @dataclass(frozen=True)
 class _Scope:
     """What a command looks at: DLQ stream -> dead-letter subjects, and where NATS is."""
@@ -89,7 +102,9 @@ class _Scope:
 
     def single_stream(self) -> tuple[str, set[str]]:
         if len(self.streams) > 1:
-            raise _fail(f"several DLQ streams ({', '.join(sorted(self.streams))}): pass --stream")
+            raise UsageError(
+                f"several DLQ streams ({', '.join(sorted(self.streams))}): pass --stream"
+            )
         return next(iter(self.streams.items()))
 
 
@@ -255,6 +270,7 @@ def show(
 ) -> None:
     """Show one dead letter: its headers, then its body (pretty JSON when it parses)."""
     scope = _scope(manifest, nats_url, stream=stream)
+    scope.single_stream()  # before connecting: a usage error
     record = _run(scope, lambda session: _get(session.js, scope, seq))
     table = Table("header", "value", title=f"{record.stream}/{record.seq} on {record.subject}")
     for key, value in record.headers.items():
@@ -283,8 +299,10 @@ def replay(
     Nats-Msg-Id, and is deleted only after the original stream stored it.
     """
     if (seq is not None) + (function is not None) + all_ != 1:
-        raise _fail("give exactly one of SEQ, --function NAME or --all")
+        raise UsageError("give exactly one of SEQ, --function NAME or --all")
     scope = _scope(manifest, nats_url, function, stream)
+    if seq is not None:
+        scope.single_stream()  # before connecting: a usage error
 
     async def work(session: Session) -> tuple[int, list[str]]:
         if seq is not None:
