@@ -189,6 +189,20 @@ BROKEN = {
         {"boom.py": "x = 1\nraise RuntimeError('no config')\n"},
         ["fn.yaml:4:functions.f.module: function 'f'", "boom.py:2", "RuntimeError: no config"],
     ),
+    "exits-on-import": (
+        """\
+        version: 1
+        functions:
+          f:
+            module: quits.py
+            trigger: {request: a.b}
+        """,
+        {"quits.py": "import sys\n\nsys.exit(3)\n"},
+        [
+            "fn.yaml:4:functions.f.module: function 'f'",
+            "the module exited during import (sys.exit(3))",
+        ],
+    ),
 }
 
 
