@@ -272,6 +272,22 @@ async def test_long_and_nul_keys_run_once_each(
     assert not host.nc.is_closed
 
 
+async def test_kv_bucket_keeps_entries_for_the_ttl_after_the_lease(
+    host_factory: HostFactory, nc: NatsClient
+) -> None:
+    """The bucket's max_age was the ttl: a lease longer than the ttl aged out while its
+    handler ran, and a bucket made for a shorter ttl was never widened."""
+    js = nc.jetstream()
+    first = await host_factory(manifest("{store: kv, ttl: 10s}"), {"fn.py": COUNTING})
+    lease = 30.0  # the larger of ack_wait (5s) and timeout (30s)
+    info = await js.stream_info("KV_fnhost_idempotency")
+    assert info.config.max_age == 10 + lease
+    await first.drain()
+    await host_factory(manifest("{store: kv, ttl: 1h}"), {"fn.py": COUNTING})
+    info = await js.stream_info("KV_fnhost_idempotency")
+    assert info.config.max_age == 3600 + lease
+
+
 POSTGRES_EFFECT = """\
 import psycopg
 

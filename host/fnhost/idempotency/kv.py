@@ -32,8 +32,10 @@ Lease changes are compare-and-set on the entry's revision
   it moved); an expired entry is free for the next begin.
 
 Expiry is stored in the value, so functions with different ``ttl`` share a
-bucket; the bucket's ``max_age`` (the largest ``ttl`` of the functions that
-use it, when fnhost creates the bucket) lets the server drop old entries.
+bucket; the bucket's ``max_age`` (the largest ``ttl`` plus lease of the
+functions that use it, so a lease entry outlives the record it leads to; set
+when fnhost creates the bucket and raised, never lowered, when a store starts)
+lets the server drop old entries.
 A bucket declared under ``kv:`` in fn.yaml is used as it is.
 
 Writes are pipelined across concurrent invocations
@@ -50,6 +52,7 @@ import asyncio
 import base64
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -67,6 +70,8 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
+
+log = logging.getLogger("fnhost.idempotency")
 
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST = (10071, 10164)
@@ -185,7 +190,8 @@ class KVStore:
         return encode
 
     def widen(self, ttl: float) -> None:
-        """Another function shares the bucket: keep entries for the longest ``ttl``."""
+        """A function uses the bucket: keep entries for at least ``ttl`` (its record ttl
+        plus its lease, so a lease entry outlives the record it leads to)."""
         self._ttl = max(self._ttl, ttl)
 
     async def start(self) -> None:
@@ -193,6 +199,8 @@ class KVStore:
         try:
             try:
                 self._kv = await js.key_value(self.bucket)
+                if self._managed:
+                    await self._keep_long_enough(js)
             except nats.js.errors.BucketNotFoundError:
                 if not self._managed:
                     raise StoreUnavailable(f"KV bucket {self.bucket} does not exist") from None
@@ -207,6 +215,23 @@ class KVStore:
             self._writes = replies_for(self._nc())
         except nats.errors.Error as exc:
             raise StoreUnavailable(f"KV bucket {self.bucket}: {_why(exc)}") from exc
+
+    async def _keep_long_enough(self, js: JetStreamContext) -> None:
+        """Raise the bucket's ``max_age`` to what the functions now need (never lower it:
+        another host may serve functions that need more)."""
+        info = await js.stream_info(f"KV_{self.bucket}")
+        if info.config.max_age is not None and 0 < info.config.max_age < self._ttl:
+            was, info.config.max_age = info.config.max_age, self._ttl
+            try:
+                await js.update_stream(info.config)
+            except nats.js.errors.APIError as exc:  # e.g. no permission: still usable
+                log.warning(
+                    "KV bucket %s keeps entries %gs, its functions need %gs: %s",
+                    self.bucket,
+                    was,
+                    self._ttl,
+                    _why(exc),
+                )
 
     async def begin(self, key: str, lease_ttl: float) -> Begin:
         writes = self._open()

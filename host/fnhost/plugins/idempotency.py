@@ -143,7 +143,9 @@ class HostStores:
         self.holder = uuid.uuid4().hex[:12]
         self.guards: dict[tuple[str, str, str | None], StoreGuard] = {}
 
-    def guard_for(self, spec: IdempotencySpec) -> StoreGuard:
+    def guard_for(self, function: FunctionSpec) -> StoreGuard:
+        spec = function.idempotency
+        assert spec is not None
         ident = (spec.store, spec.bucket, spec.url)
         guard = self.guards.get(ident)
         if guard is None:
@@ -155,10 +157,10 @@ class HostStores:
                 declared_buckets=frozenset(self.host.manifest.kv),
             )
             guard = self.guards[ident] = StoreGuard(store, self.host)
-        else:
-            widen = getattr(guard.store, "widen", None)
-            if widen is not None:
-                widen(spec.ttl)
+        widen = getattr(guard.store, "widen", None)
+        if widen is not None:
+            # A lease entry must outlive the record it leads to: ttl after the lease.
+            widen(spec.ttl + lease_for(function))
         return guard
 
 
@@ -175,9 +177,9 @@ def _stores_of(host: Host) -> HostStores:
 @hookimpl
 async def fnhost_startup(host: Host) -> None:
     stores = _stores_of(host)
-    for spec in host.manifest.functions.values():
-        if spec.idempotency is not None:
-            stores.guard_for(spec.idempotency)
+    for function in host.manifest.functions.values():
+        if function.idempotency is not None:
+            stores.guard_for(function)
     for guard in stores.guards.values():
         # A failure is reported on /readyz; the store is started again before its next use.
         with contextlib.suppress(StoreUnavailable):
@@ -197,7 +199,7 @@ def fnhost_middleware(function: FunctionSpec, host: Host) -> Middleware | None:
     spec = function.idempotency
     if spec is None or function.trigger.kind == "request":
         return None
-    return build_middleware(function, spec, _stores_of(host).guard_for(spec))
+    return build_middleware(function, spec, _stores_of(host).guard_for(function))
 
 
 def lease_for(function: FunctionSpec) -> float:
