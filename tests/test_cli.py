@@ -517,11 +517,6 @@ async def test_publish_to_a_full_stream_fails_at_once_with_the_reason(
     _assert_user_error(result, "'odd.x'", "maximum messages exceeded")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli_deploy._with_nats reports BucketNotFoundError as 'cannot reach NATS'; "
-    "the fix belongs in host/fnhost/cli_deploy.py",
-)
 def test_rm_and_rollback_without_a_registry_say_nothing_is_deployed(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:

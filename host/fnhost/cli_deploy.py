@@ -104,6 +104,11 @@ def _with_nats(url: str, manifest: Path, work: Callable[[Any], Awaitable[T]]) ->
         result: T = _cli()._run_async(main)
     except ConnectError as exc:
         raise _fail(str(exc)) from None
+    except nats.js.errors.BucketNotFoundError:
+        bucket = _registry(_manifest(manifest)).bucket
+        raise _fail(
+            f"nothing is deployed: the registry bucket {bucket!r} does not exist at {url}"
+        ) from None
     except (OSError, nats.errors.Error, nats.js.errors.Error) as exc:
         raise _fail(f"cannot reach NATS at {url}: {exc}") from None
     return result
