@@ -309,7 +309,7 @@ async def test_a_delivery_never_settled_is_dead_lettered_from_the_advisory(
     # A first host provisions everything, then stops: the test plays the host that dies.
     first = await host_factory(manifest_text, {"fn.py": HANDLER}, root=tmp_path / "p")
     await first.drain()
-    ack = await js.publish("in.a", b"lost in a crash", headers={"X-Keep": "yes"})
+    ack = await js.publish("in.a", b"lost in a crash", headers={"X-Keep": "yes", "X-Note": "grüß"})
     crashed = await js.pull_subscribe_bind("work", "IN")
     (taken,) = await crashed.fetch(1, timeout=5)  # delivered once, never settled
     await crashed.unsubscribe()
@@ -318,9 +318,10 @@ async def test_a_delivery_never_settled_is_dead_lettered_from_the_advisory(
     host = await host_factory(manifest_text, {"fn.py": HANDLER}, root=tmp_path / "p")
     copies = await wait_for(lambda: copies_of(js, ack.seq), message="copied from the advisory")
     assert len(copies) == 1
-    headers = copies[0].headers or {}
+    headers = dlq.headers_of(copies[0])
     assert copies[0].data == b"lost in a crash"
     assert headers["X-Keep"] == "yes"
+    assert headers["X-Note"] == "grüß", "read by message get, copied as UTF-8"
     assert headers["Fnhost-Attempts"] == "1"
     assert headers["Fnhost-Error"].startswith("MaxDeliveries: delivered 1 times")
     assert headers["Nats-Msg-Id"] == await dead_letter_id_of(nc, "IN", ack.seq)

@@ -360,7 +360,7 @@ class AdvisoryWatcher:
             "likely crashed during the last attempt or could not store the dead letter"
         )
         headers = dead_letter_headers(
-            original.headers,
+            headers_of(original),
             subject=original.subject or "",
             function=name,
             stream=stream,
@@ -414,17 +414,21 @@ class DeadLetterRecord:
 
     @classmethod
     def from_raw(cls, stream: str, raw: RawStreamMsg) -> DeadLetterRecord:
-        """From a message get; headers from its raw block (see :func:`parse_header_block`)."""
-        headers = (
-            parse_header_block(base64.b64decode(raw.hdrs))
-            if raw.hdrs
-            else {k: str(v) for k, v in (raw.headers or {}).items()}
+        """From a message get."""
+        return cls(
+            stream, raw.seq or 0, raw.subject or "", raw.data or b"", headers_of(raw), raw.time
         )
-        return cls(stream, raw.seq or 0, raw.subject or "", raw.data or b"", headers, raw.time)
 
     def header(self, name: str) -> str:
         """A header's value, ``""`` when absent."""
         return self.headers.get(name, "")
+
+
+def headers_of(raw: RawStreamMsg) -> dict[str, str]:
+    """A message get's headers, from its raw block (see :func:`parse_header_block`)."""
+    if raw.hdrs:
+        return parse_header_block(base64.b64decode(raw.hdrs))
+    return {k: str(v) for k, v in (raw.headers or {}).items()}
 
 
 def parse_header_block(block: bytes) -> dict[str, str]:
