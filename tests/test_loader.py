@@ -106,6 +106,15 @@ def test_an_error_while_importing_names_the_file_and_line(tmp_path: Path) -> Non
     assert "ZeroDivisionError" in message
 
 
+def test_a_module_that_exits_during_import_is_a_load_error_not_an_exit(tmp_path: Path) -> None:
+    """sys.exit() at import must not end the host, nor a hot reload's old version."""
+    message = load_error(project(tmp_path, {"fn.py": "import sys\n\nsys.exit(3)\n"}))
+    assert message == (
+        "fn.yaml:5:functions.f.module: function 'f': "
+        "the module exited during import (sys.exit(3))"
+    )
+
+
 def test_a_failed_import_leaves_no_half_module_behind(tmp_path: Path) -> None:
     # Other tests of this process may have loaded a good `fn`: that one stays.
     before = sys.modules.get("fn")

@@ -331,9 +331,6 @@ def validate(manifest: ManifestArg = Path("fn.yaml")) -> None:
         except LoadError as exc:
             failures.append(str(exc))
             continue
-        except SystemExit as exc:  # the loader lets it through; validating must not exit
-            failures.append(_exited_during_import(spec, loaded, exc))
-            continue
         table.add_row(spec.name, _describe_trigger(spec), spec.module, spec.handler)
     for issue in loaded.warnings:
         err.print(f"[yellow]warning:[/yellow] {issue}", highlight=False, soft_wrap=True)
@@ -343,15 +340,6 @@ def validate(manifest: ManifestArg = Path("fn.yaml")) -> None:
         raise typer.Exit(1)
     out.print(table)
     out.print(f"[green]ok[/green]: {len(loaded.functions)} functions")
-
-
-def _exited_during_import(spec: Any, manifest: Manifest, exc: SystemExit) -> str:
-    key = f"functions.{spec.name}.module"
-    line = manifest.line_of(key) or manifest.line_of(f"functions.{spec.name}")
-    return (
-        f"{manifest.path.name}:{line}:{key}: function {spec.name!r}: "
-        f"the module exited during import (sys.exit({exc.code!r}))"
-    )
 
 
 def _describe_trigger(spec: Any) -> str:

@@ -80,8 +80,14 @@ def import_fresh(spec: FunctionSpec, manifest: Manifest) -> ModuleType:
             sys.modules[name] = previous
         else:
             sys.modules.pop(name, None)
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
+        if isinstance(exc, KeyboardInterrupt):
             raise
+        if isinstance(exc, SystemExit):
+            # A module's sys.exit() must not end the host (or a reload's old version).
+            raise LoadError(
+                f"{where}: function {spec.name!r}: "
+                f"the module exited during import (sys.exit({exc.code!r}))"
+            ) from None
         raise LoadError(f"{where}: function {spec.name!r}: {_describe_import_error(exc)}") from None
     return module
 
