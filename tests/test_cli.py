@@ -262,6 +262,10 @@ def test_options_that_do_not_go_together_are_a_usage_error_exit_2(tmp_path: Path
     assert "Usage:" in result.stderr and "--reload" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
+    unknown_loop = fnhost("run", "--loop", "trio", cwd=project)
+    assert unknown_loop.returncode == 2, (unknown_loop.stdout, unknown_loop.stderr)
+    assert "'trio' is not one of auto, uvloop, asyncio" in unknown_loop.stderr
+
 
 def test_run_with_refused_credentials_exits_1_with_one_clear_line(
     tmp_path: Path, nats_server_factory: NatsServerFactory

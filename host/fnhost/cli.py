@@ -49,8 +49,22 @@ NatsOption = Annotated[
     str | None,
     typer.Option("--nats", help="NATS URL(s), comma separated; overrides nats.url and NATS_URL."),
 ]
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def _known_loop(name: str) -> str:
+    if name not in EVENT_LOOPS:
+        raise typer.BadParameter(f"{name!r} is not one of {', '.join(EVENT_LOOPS)}")
+    return name
+
+
 LoopOption = Annotated[
-    str, typer.Option("--loop", help="Event loop: auto (uvloop when installed), uvloop, asyncio.")
+    str,
+    typer.Option(
+        "--loop",
+        help="Event loop: auto (uvloop when installed), uvloop, asyncio.",
+        callback=_known_loop,
+    ),
 ]
 GraceOption = Annotated[
     float, typer.Option("--grace", help="Seconds in-flight work gets to finish on SIGTERM/SIGINT.")
