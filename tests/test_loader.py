@@ -110,8 +110,7 @@ def test_a_module_that_exits_during_import_is_a_load_error_not_an_exit(tmp_path:
     """sys.exit() at import must not end the host, nor a hot reload's old version."""
     message = load_error(project(tmp_path, {"fn.py": "import sys\n\nsys.exit(3)\n"}))
     assert message == (
-        "fn.yaml:5:functions.f.module: function 'f': "
-        "the module exited during import (sys.exit(3))"
+        "fn.yaml:5:functions.f.module: function 'f': the module exited during import (sys.exit(3))"
     )
 
 
