@@ -4,14 +4,17 @@ found by every host, and the key's own entry when a lease ran out first."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from fnhost.idempotency import StoreUnavailable
 from fnhost.idempotency.kv import GROUP_PREFIX, GROUP_SIZE
+from fnhost_sdk.deploy import bucket_keys
 from fnhost_sdk.waiting import wait_for
 
 from .conftest import KV_BUCKET, StoreFactory
@@ -20,8 +23,14 @@ pytestmark = [pytest.mark.nats, pytest.mark.parametrize("make_store", ["kv"], in
 
 
 async def _entries(js: JetStreamContext) -> dict[str, bytes]:
+    """Every live entry. Keys from the stream's subjects: nats-py's ``kv.keys()`` can end
+    early (or raise NoKeysError) while the machine is loaded."""
     kv = await js.key_value(KV_BUCKET)
-    return {key: (await kv.get(key)).value or b"" for key in await kv.keys()}
+    entries = {}
+    for key in await bucket_keys(js, KV_BUCKET):
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):  # deleted or purged
+            entries[key] = (await kv.get(key)).value or b""
+    return entries
 
 
 async def _writes(js: JetStreamContext) -> int:
