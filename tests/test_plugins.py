@@ -334,28 +334,37 @@ async def test_a_handler_past_its_timeout_is_cancelled_and_answered_with_500(
     assert not reply.headers
 
 
-async def test_a_stream_handler_past_its_timeout_is_not_acked_but_retried(
-    run_host, nc: NatsClient
-) -> None:
+async def run_timing_out_stream_function(
+    run_host, nc: NatsClient, name: str, handler: str, payloads: list[bytes], extra: str = ""
+) -> Any:
+    """Run ``handler`` of SLOW as stream function ``name`` (timeout 300ms, 3 deliveries),
+    publish ``payloads`` and wait until all are acked; the function's module."""
     host = await run_host(
         manifest(
-            "  slow-once:\n    module: fn.py\n    handler: slow_once\n"
-            "    trigger: {stream: P, subjects: [p.in]}\n"
+            f"  {name}:\n    module: fn.py\n    handler: {handler}\n"
+            f"    trigger: {{stream: P, subjects: [p.in]}}\n{extra}"
             "    timeout: 300ms\n    retry: {max_deliver: 3, backoff: [100ms]}\n",
             [],
             streams='  P: {subjects: ["p.in"]}\n',
         ),
         {"fn.py": SLOW},
     )
-    module = module_of(host, "slow-once")
     js: JetStreamContext = nc.jetstream()
-    await js.publish("p.in", b"{}")
+    for payload in payloads:
+        await js.publish("p.in", payload)
 
     async def settled() -> bool:
-        info = await js.consumer_info("P", "slow-once")
-        return info.ack_floor.stream_seq == 1 and info.num_ack_pending == 0
+        info = await js.consumer_info("P", name)
+        return info.ack_floor.stream_seq == len(payloads) and info.num_ack_pending == 0
 
-    await wait_for(settled, message="acked after the retry")
+    await wait_for(settled, message="every message acked after its retry")
+    return module_of(host, name)
+
+
+async def test_a_stream_handler_past_its_timeout_is_not_acked_but_retried(
+    run_host, nc: NatsClient
+) -> None:
+    module = await run_timing_out_stream_function(run_host, nc, "slow-once", "slow_once", [b"{}"])
     assert module.ATTEMPTS == [1, 2], "the timed-out attempt was not acked"
 
 
@@ -365,26 +374,14 @@ async def test_a_handler_that_swallows_its_timeout_is_still_not_acked_and_its_wo
     """A handler that catches the timeout's cancellation and returns has still run
     past its timeout: not acked, retried. The worker that ran it keeps working: with
     concurrency 1, the next message that times out is retried and acked too."""
-    host = await run_host(
-        manifest(
-            "  swallow:\n    module: fn.py\n    handler: swallows_its_cancel\n"
-            "    trigger: {stream: P, subjects: [p.in]}\n    concurrency: 1\n"
-            "    timeout: 300ms\n    retry: {max_deliver: 3, backoff: [100ms]}\n",
-            [],
-            streams='  P: {subjects: ["p.in"]}\n',
-        ),
-        {"fn.py": SLOW},
+    module = await run_timing_out_stream_function(
+        run_host,
+        nc,
+        "swallow",
+        "swallows_its_cancel",
+        [b'{"n": 1}', b'{"n": 2}'],
+        extra="    concurrency: 1\n",
     )
-    module = module_of(host, "swallow")
-    js: JetStreamContext = nc.jetstream()
-    await js.publish("p.in", b'{"n": 1}')
-    await js.publish("p.in", b'{"n": 2}')
-
-    async def settled() -> bool:
-        info = await js.consumer_info("P", "swallow")
-        return info.ack_floor.stream_seq == 2 and info.num_ack_pending == 0
-
-    await wait_for(settled, message="both acked after their retries")
     assert sorted(module.SWALLOWED) == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
 
