@@ -69,6 +69,28 @@ async def test_lost_lease_rolls_the_effect_back(postgres_dsn: str) -> None:
     await b.close()
 
 
+async def test_a_key_locked_by_a_handler_s_open_transaction_reads_as_leased(
+    postgres_dsn: str,
+) -> None:
+    """From record_in until its commit, the handler's transaction holds the key's row
+    lock, and another delivery's begin waits on it. That is a live lease (its holder is
+    committing), not a store outage: begin says "leased" (the middleware waits, using
+    up no delivery) instead of failing when the store's statement timeout runs out."""
+    a, b = await _stores(postgres_dsn)
+    key = a.encoder("fn")("k3")
+    begin = await a.begin(key, 30)
+    handle = Idempotency("k3", key, begin.token, a.transactional(3600))
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO effects (k) VALUES ('k3')")
+            await handle.record_in(conn)
+            assert (await b.begin(key, 30)).state == "leased"
+        assert (await b.begin(key, 30)).state == "done"
+    assert _effects(postgres_dsn) == 1
+    await a.close()
+    await b.close()
+
+
 async def test_record_in_needs_the_postgres_store() -> None:
     store = MemoryStore("h")
     handle = Idempotency("k", "fn/k", "t", store.transactional(60))

@@ -25,7 +25,9 @@ connection the server hung up on while it idled in the pool (a restart) is
 replaced before use, so a restart fails no call that comes after it. A
 server that does not answer within ``TIMEOUT`` (frozen, or a network that
 drops packets) fails the call with :class:`StoreUnavailable` like one that is
-down (``CONNECT_TIMEOUT`` for a new connection).
+down (``CONNECT_TIMEOUT`` for a new connection). A begin that waits over
+``LOCK_WAIT_MS`` on the key's row lock (a handler's ``record_in`` transaction
+not yet committed) finds the key leased.
 Needs psycopg 3 (``pip install 'fnhost[postgres]'``).
 """
 
@@ -38,6 +40,7 @@ import logging
 import os
 import select
 import socket
+import time
 from typing import Any
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
@@ -52,6 +55,10 @@ CONNECT_TIMEOUT = 5
 """Seconds to wait for a new connection."""
 TIMEOUT = 5.0
 """Seconds to wait for a statement's answer (a frozen server is an outage, not a hang)."""
+LOCK_WAIT_MS = 1000
+"""Longest a statement waits on a row lock (the server's ``lock_timeout``); under
+``TIMEOUT``, so a key locked by a handler's open ``record_in`` transaction reads as
+leased rather than as an outage."""
 SWEEP_EVERY = 4096
 
 _NOW = "extract(epoch from clock_timestamp())"
@@ -116,7 +123,12 @@ class PostgresStore:
             await self._execute(self._sweep, ())
         token = f"{self._holder}:{next(self._tokens)}"
         for _ in range(16):
-            taken = await self._execute(self._begin, (key, token, lease_ttl), fetch=True)
+            try:
+                taken = await self._execute(self._begin, (key, token, lease_ttl), fetch=True)
+            except _RowLocked:
+                # A handler's transaction marked the key done (record_in) and has not
+                # committed yet: a lease whose holder is finishing. Ask again at once.
+                return leased(time.time())
             if taken:
                 return new(token)
             row = await self._execute(self._look, (key,), fetch=True)
@@ -159,6 +171,7 @@ class PostgresStore:
                 conn = await psycopg.AsyncConnection.connect(
                     self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
                 )
+                await conn.execute(f"SET lock_timeout = {LOCK_WAIT_MS}")
             watchdog = asyncio.get_running_loop().call_later(TIMEOUT, _hang_up, conn, stalled)
             cursor = await conn.execute(query, params, prepare=True)
             result = await cursor.fetchall() if fetch else None
@@ -167,7 +180,10 @@ class PostgresStore:
                 conn is not None
                 and not conn.closed
                 and not stalled
-                and not isinstance(exc, psycopg.OperationalError)
+                and (
+                    not isinstance(exc, psycopg.OperationalError)
+                    or isinstance(exc, psycopg.errors.LockNotAvailable)
+                )
             ):
                 pool.put_nowait(conn)
             else:
@@ -176,6 +192,8 @@ class PostgresStore:
                 pool.put_nowait(None)
             if stalled:
                 raise StoreUnavailable(f"postgres did not answer within {TIMEOUT:g}s") from exc
+            if isinstance(exc, psycopg.errors.LockNotAvailable):
+                raise _RowLocked(f"row locked for over {LOCK_WAIT_MS} ms") from exc
             raise StoreUnavailable(f"postgres {type(exc).__name__}: {exc}".strip()) from exc
         except BaseException:
             if conn is not None:
@@ -187,6 +205,10 @@ class PostgresStore:
                 watchdog.cancel()
         pool.put_nowait(conn)
         return result
+
+
+class _RowLocked(StoreUnavailable):
+    """A statement gave up waiting on a row lock (``LOCK_WAIT_MS``)."""
 
 
 def _cut(conn: Any) -> bool:
