@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, TypeGuard, TypeVar, overload
 
 import nats.errors
 import nats.js.errors
@@ -46,9 +46,11 @@ _RETRYABLE_PUBLISH_ERRORS = (
 )
 
 STREAM_REFUSED = 10077
-"""JetStream's error code (with a 503) for a message its stream will not store: over a
+"""JetStream's error code (with a 503) for a message its stream did not store. Over a
 limit with ``discard: new`` (``maximum messages exceeded``, ``maximum bytes exceeded``,
-``maximum messages per subject exceeded``). Retrying cannot help: it fails at once."""
+``maximum messages per subject exceeded``) retrying cannot help: it fails at once. The
+same code carries passing store failures too (``store is closed`` while a stream is
+updated or moved), which are retried like a missing PubAck."""
 
 
 class PublishError(FnhostError):
@@ -142,7 +144,7 @@ class Session:
             except NotPubAckError as exc:  # retrying would only bother the responder again
                 raise PublishError(str(exc)) from exc
             except _RETRYABLE_PUBLISH_ERRORS as exc:
-                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == STREAM_REFUSED:
+                if _over_a_stream_limit(exc):
                     raise PublishError(
                         f"the stream refused {subject!r}: {exc.description} "
                         f"(JetStream error {exc.err_code})"
@@ -229,3 +231,11 @@ def raise_for_error(reply: Msg) -> None:
         raise ServiceError(
             int(code) if code.isdigit() else 500, reply_headers.get(h.SERVICE_ERROR, "")
         )
+
+
+def _over_a_stream_limit(exc: Exception) -> TypeGuard[nats.js.errors.APIError]:
+    return (
+        isinstance(exc, nats.js.errors.APIError)
+        and exc.err_code == STREAM_REFUSED
+        and "exceeded" in (exc.description or "")
+    )
