@@ -20,6 +20,8 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
 from fnhost.host import Host
+from fnhost.manifest import parse_manifest
+from fnhost.reload import apply_manifest
 from fnhost.triggers.stream import StreamTrigger
 from fnhost_sdk.testing import wait_for
 from support import module_of, stored_at_ns_of
@@ -605,14 +607,24 @@ async def test_a_message_delivered_after_intake_stopped_is_naked_for_another_hos
     assert module_of(draining).SEEN == []
 
 
+@pytest.mark.parametrize("max_deliver_1", ["from-the-start", "by-a-reload"])
 async def test_a_last_attempt_delivered_after_intake_stopped_is_run_not_naked(
-    host_factory, js: JetStreamContext, acks: AckLog
+    host_factory, js: JetStreamContext, acks: AckLog, max_deliver_1: str
 ) -> None:
     """A nak counts as a delivery: nak'ing a message's last allowed delivery would leave
-    it never run again. The draining host runs that one within its grace instead."""
-    draining = await host_factory(
-        manifest(", ack_wait: 60s", retry="{max_deliver: 1, backoff: [1s]}"), {"fn.py": RECORD}
+    it never run again. The draining host runs that one within its grace instead, by
+    the max_deliver in force (a reload may have lowered it without a new trigger)."""
+    final = manifest(", ack_wait: 60s", retry="{max_deliver: 1, backoff: [1s]}")
+    first = (
+        final
+        if max_deliver_1 == "from-the-start"
+        else final.replace("max_deliver: 1", "max_deliver: 3")
     )
+    draining = await host_factory(first, {"fn.py": RECORD})
+    if first != final:
+        root = draining.manifest.root
+        await apply_manifest(draining, parse_manifest(final, file=str(root / "fn.yaml"), root=root))
+        assert (await consumer(js)).config.max_deliver == 1
     await wait_for(
         lambda: _pulls_waiting(js), message="the host's pull request waits on the server"
     )

@@ -91,7 +91,6 @@ class StreamTrigger(Trigger):
         self._ack_sync = spec.ack == "sync"
         self._ack_wait = trigger.ack_wait
         self._pings = spec.progress_pings
-        self._max_deliver = spec.retry.max_deliver
         self._credit = 0
         self._refusing = False
         self._last_heard = 0.0
@@ -232,7 +231,8 @@ class StreamTrigger(Trigger):
         if not msg.reply:
             self._on_status(msg)
             return
-        if self._refusing and delivery_of(msg.reply)[0] < self._max_deliver:
+        # The runtime's spec, not one read at start: a reload may change max_deliver.
+        if self._refusing and delivery_of(msg.reply)[0] < self.runtime.spec.retry.max_deliver:
             # Redelivered at once, to another host or after the restart. A nak counts
             # as a delivery, so a message's last allowed one runs here instead, within
             # the drain's grace: nak'ed, it would never run again.
