@@ -67,9 +67,10 @@ class Idempotency:
         key: the message's key (``Nats-Msg-Id``, ``stream:sequence:stored_at_ns``,
             a header or what the manifest's key function returned).
         recorded: whether ``record_in`` ran (the host then records nothing itself).
+        lease_lost: whether ``record_in`` raised :class:`LeaseLost`.
     """
 
-    __slots__ = ("_recorder", "_store_key", "_token", "key", "recorded")
+    __slots__ = ("_recorder", "_store_key", "_token", "key", "lease_lost", "recorded")
 
     def __init__(
         self,
@@ -80,6 +81,7 @@ class Idempotency:
     ) -> None:
         self.key = key
         self.recorded = False
+        self.lease_lost = False
         self._store_key = store_key
         self._token = token
         self._recorder = recorder
@@ -98,12 +100,20 @@ class Idempotency:
             )
         if inspect.iscoroutinefunction(getattr(conn, "execute", None)):
             return self._record_async(recorder, conn)
-        recorder.record_sync(conn, self._store_key, self._token)
+        try:
+            recorder.record_sync(conn, self._store_key, self._token)
+        except LeaseLost:
+            self.lease_lost = True
+            raise
         self.recorded = True
         return _DONE
 
     async def _record_async(self, recorder: TransactionalRecorder, conn: Any) -> None:
-        await recorder.record_async(conn, self._store_key, self._token)
+        try:
+            await recorder.record_async(conn, self._store_key, self._token)
+        except LeaseLost:
+            self.lease_lost = True
+            raise
         self.recorded = True
 
     def __repr__(self) -> str:

@@ -327,6 +327,58 @@ async def test_postgres_record_in_commits_effect_and_key_together(
         assert done == (5,)
 
 
+OVERTAKEN = """\
+import asyncio
+
+import psycopg
+
+DSN = {dsn!r}
+STARTED = []
+SECOND_COMMITTED = asyncio.Event()
+
+
+async def handle(event: dict, ctx) -> None:
+    STARTED.append(event["n"])
+    async with await psycopg.AsyncConnection.connect(DSN) as conn:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO effects (n) VALUES (%s)", (event["n"],))
+            if event["n"] == 1:
+                # Past its 1 s lease: the second delivery of the key takes it over.
+                await SECOND_COMMITTED.wait()
+            await ctx.idempotency.record_in(conn)
+    if event["n"] == 2:
+        SECOND_COMMITTED.set()
+"""
+
+
+async def test_a_lease_lost_on_the_last_attempt_to_a_delivery_that_recorded_is_a_duplicate(
+    host_factory: HostFactory, nc: NatsClient, postgres_dsn: str
+) -> None:
+    """record_in raises LeaseLost: the effect rolls back, and the delivery that took the
+    key over recorded it. On the last allowed attempt that is not a failure to
+    dead-letter (the effect happened once; a replay would run it again): a duplicate."""
+    import psycopg
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as db:
+        db.execute("CREATE TABLE effects (n int PRIMARY KEY)")
+    text = manifest(
+        f"{{store: postgres, url: '{postgres_dsn}', key: 'header:Order-Id', lease: 1s}}"
+    )
+    host = await host_factory(
+        text.replace("max_deliver: 50", "max_deliver: 1"),
+        {"fn.py": OVERTAKEN.format(dsn=postgres_dsn)},
+    )
+    await publish(nc, 1, **{"Order-Id": "A"})
+    await wait_for(lambda: module_of(host).STARTED == [1], message="the first delivery runs")
+    await publish(nc, 2, **{"Order-Id": "A"})
+    await wait_for(lambda: settled(nc), timeout=30, message="both messages settled")
+    with psycopg.connect(postgres_dsn) as db:
+        assert db.execute("SELECT n FROM effects").fetchall() == [(2,)]
+    assert (await nc.jetstream().stream_info("DLQ")).state.messages == 0
+    counts = host.metrics.counts("work")
+    assert (counts.get("ack"), counts.get("duplicate"), counts.get("dead_letter", 0)) == (1, 1, 0)
+
+
 async def test_a_key_function_that_cannot_be_imported_fails_the_function(
     host_factory: HostFactory,
 ) -> None:

@@ -310,6 +310,20 @@ def build_middleware(
         token = begin.token
         handle = call.idempotency = Idempotency(raw, key, token, recorder)
         outcome = await call_next(call)
+        if handle.lease_lost and not isinstance(outcome, Ack):
+            # Another delivery took the key over while this one ran (its effect rolled
+            # back). If that one recorded the key, the effect happened there: this is a
+            # duplicate, not a failure (dead-lettered on the last attempt, a replay
+            # would run the effect again).
+            try:
+                again = await store.begin(key, lease)
+                if again.state == "leased":
+                    again = await wait_on_lease(call, key, again.expires_at)
+            except StoreUnavailable as exc:
+                return unavailable(call, exc)
+            if again.state == "done":
+                return DUPLICATE
+            token = again.token  # ours now; released below with the failure
         try:
             if isinstance(outcome, Ack):
                 if not handle.recorded:
