@@ -141,8 +141,8 @@ def outcome_for_error(spec: FunctionSpec, inv: Invocation, exc: Exception) -> Ou
             f"retries exhausted after {inv.attempt} attempts: {description}", type(exc).__name__
         )
     if isinstance(exc, Retry) and exc.delay is not None:
-        return Nak(exc.delay, description)
-    return Nak(spec.retry.delay_for(inv.attempt), description)
+        return Nak(exc.delay, description, type(exc).__name__)
+    return Nak(spec.retry.delay_for(inv.attempt), description, type(exc).__name__)
 
 
 def describe(exc: BaseException) -> str:

@@ -113,10 +113,12 @@ class Ack:
 
 @dataclass(slots=True, frozen=True)
 class Nak:
-    """Redeliver later; ``delay`` in seconds (``None``: at once)."""
+    """Redeliver later; ``delay`` in seconds (``None``: at once). ``error_type``: the
+    failure's exception class name, when an exception caused it."""
 
     delay: float | None = None
     error: str = ""
+    error_type: str = ""
 
     label = "nak"
 

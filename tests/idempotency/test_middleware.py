@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 import nats.js.errors
@@ -279,7 +280,7 @@ async def test_kv_bucket_keeps_entries_for_the_ttl_after_the_lease(
     handler ran, and a bucket made for a shorter ttl was never widened."""
     js = nc.jetstream()
     first = await host_factory(manifest("{store: kv, ttl: 10s}"), {"fn.py": COUNTING})
-    lease = 30.0  # the larger of ack_wait (5s) and timeout (30s)
+    lease = 32.0  # the larger of ack_wait (5s) and timeout (30s) + its slack (1s) + 1s
     info = await js.stream_info("KV_fnhost_idempotency")
     assert info.config.max_age == 10 + lease
     await first.drain()
@@ -377,6 +378,46 @@ async def test_a_lease_lost_on_the_last_attempt_to_a_delivery_that_recorded_is_a
     assert (await nc.jetstream().stream_info("DLQ")).state.messages == 0
     counts = host.metrics.counts("work")
     assert (counts.get("ack"), counts.get("duplicate"), counts.get("dead_letter", 0)) == (1, 1, 0)
+
+
+BLOCKING = """\
+import threading
+import time
+
+SPANS = []
+FIRST_MAY_END = threading.Event()
+
+
+def handle(event: dict, ctx) -> None:
+    started = time.monotonic()
+    if ctx.attempt == 1:
+        FIRST_MAY_END.wait(30)  # past the 300ms timeout: a thread is not interrupted
+    SPANS.append((ctx.attempt, started, time.monotonic()))
+"""
+
+
+async def test_a_timed_out_plain_def_keeps_its_lease_while_its_thread_runs_on(
+    host_factory: HostFactory, nc: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attempt fails at the deadline, but a plain def's thread runs on: the retry
+    must not take the key while it does (two runs of one message side by side)."""
+    caplog.set_level(logging.INFO, logger="fnhost")
+    text = manifest("{store: kv, lease: 3s}").replace(
+        "    concurrency: 4\n", "    concurrency: 4\n    timeout: 300ms\n"
+    )
+    host = await host_factory(text, {"fn.py": BLOCKING})
+    module = module_of(host)
+    await publish(nc, 1)
+
+    def retry_ran_or_waits() -> bool:
+        return bool(module.SPANS) or "is leased by another delivery" in caplog.text
+
+    await wait_for(retry_ran_or_waits, message="the retry ran, or waits on the lease")
+    module.FIRST_MAY_END.set()
+    await wait_for(lambda: settled(nc), timeout=30, message="the retry acked")
+    spans = {attempt: (start, end) for attempt, start, end in module.SPANS}
+    assert sorted(spans) == [1, 2]
+    assert spans[2][0] >= spans[1][1], f"attempt 2 started while attempt 1 ran: {spans}"
 
 
 async def test_a_key_function_that_cannot_be_imported_fails_the_function(

@@ -43,11 +43,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from fnhost.errors import LoadError
+from fnhost.errors import HandlerTimeout, LoadError
 from fnhost.idempotency import Store, StoreUnavailable, open_store
 from fnhost.invocation import describe
 from fnhost.manifest import FunctionSpec, IdempotencySpec
 from fnhost.plugins import hookimpl
+from fnhost.plugins.timeout import cancel_slack
 from fnhost.types import (
     DUPLICATE,
     Ack,
@@ -202,14 +203,24 @@ def fnhost_middleware(function: FunctionSpec, host: Host) -> Middleware | None:
     return build_middleware(function, spec, _stores_of(host).guard_for(function))
 
 
+LEASE_MARGIN = 1.0
+"""Seconds a default lease lasts past the moment its handler is cancelled at the latest."""
+
+
 def lease_for(function: FunctionSpec) -> float:
-    """The lease a delivery takes: ``lease``, else the larger of ``ack_wait`` and ``timeout``."""
+    """The lease a delivery takes: ``lease``, else the larger of ``ack_wait`` and the
+    longest a handler can run (its ``timeout``, the sweeper's slack, a margin)."""
     spec = function.idempotency
     if spec is not None and spec.lease is not None:
         return spec.lease
+    longest_run = function.timeout + cancel_slack(function.timeout) + LEASE_MARGIN
     if function.trigger.kind == "stream":
-        return max(function.trigger.ack_wait, function.timeout)
-    return function.timeout
+        return max(function.trigger.ack_wait, longest_run)
+    return longest_run
+
+
+def _timed_out(outcome: Outcome) -> bool:
+    return getattr(outcome, "error_type", "") == HandlerTimeout.__name__
 
 
 def key_source(spec: IdempotencySpec, function: str) -> KeySource:
@@ -329,7 +340,9 @@ def build_middleware(
                 if not handle.recorded:
                     # Never ack before the record is stored.
                     await store.record(key, token, ttl)
-            else:
+            elif not _timed_out(outcome):
+                # (A timed-out plain def's thread runs on: its lease expires by itself,
+                # so no other delivery of the key runs beside it until then.)
                 await store.release(key, token)
         except StoreUnavailable as exc:
             if isinstance(outcome, Ack):

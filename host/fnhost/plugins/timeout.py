@@ -26,12 +26,17 @@ from fnhost.plugins import hookimpl
 from fnhost.types import CallNext, Invocation, Middleware, Outcome
 
 
+def cancel_slack(seconds: float) -> float:
+    """How long past a ``seconds`` timeout a handler may run before it is cancelled."""
+    return min(max(seconds / 20, 0.005), 1.0)
+
+
 class Deadlines:
     """The running invocations of one function and the monotonic time each must end by."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.resolution = min(max(seconds / 20, 0.005), 1.0)
+        self.resolution = cancel_slack(seconds)
         self.running: dict[asyncio.Task[object], float] = {}
         self.expired: set[asyncio.Task[object]] = set()
         self._sweeper: asyncio.Task[None] | None = None
