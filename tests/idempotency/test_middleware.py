@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import nats.js.errors
@@ -21,7 +22,9 @@ from nats.aio.client import Client as NatsClient
 from conftest import HostFactory
 from fnhost.host import Host
 from fnhost.http import readiness
+from fnhost.manifest import parse_manifest
 from fnhost.plugins import hookimpl
+from fnhost.reload import apply_manifest
 from fnhost.types import CallNext, Invocation, Middleware, Nak, Outcome
 from fnhost_sdk.testing import wait_for
 from support import module_of
@@ -284,9 +287,23 @@ async def test_kv_bucket_keeps_entries_for_the_ttl_after_the_lease(
     info = await js.stream_info("KV_fnhost_idempotency")
     assert info.config.max_age == 10 + lease
     await first.drain()
-    await host_factory(manifest("{store: kv, ttl: 1h}"), {"fn.py": COUNTING})
+    second = await host_factory(manifest("{store: kv, ttl: 1h}"), {"fn.py": COUNTING})
     info = await js.stream_info("KV_fnhost_idempotency")
     assert info.config.max_age == 3600 + lease
+
+    # A reload that lengthens the ttl widens the bucket too, without a restart.
+    root = second.manifest.root
+    longer = manifest("{store: kv, ttl: 2h}")
+    await apply_manifest(second, parse_manifest(longer, file=str(root / "fn.yaml"), root=root))
+
+    async def max_age() -> float | None:
+        return (await js.stream_info("KV_fnhost_idempotency")).config.max_age
+
+    await wait_for(lambda: _equals(max_age(), 7200 + lease), message="bucket widened on reload")
+
+
+async def _equals(value: Awaitable[Any], expected: Any) -> bool:
+    return await value == expected
 
 
 POSTGRES_EFFECT = """\

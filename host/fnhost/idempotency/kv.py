@@ -169,6 +169,7 @@ class KVStore:
         self._managed = managed
         self._prefix = f"$KV.{bucket}."
         self._kv: KeyValue | None = None
+        self._widening: asyncio.Task[None] | None = None
         self._filling: _Group | None = None
         self._numbers = itertools.count(1)
         self._leases: dict[Token, _Lease] = {}
@@ -191,8 +192,20 @@ class KVStore:
 
     def widen(self, ttl: float) -> None:
         """A function uses the bucket: keep entries for at least ``ttl`` (its record ttl
-        plus its lease, so a lease entry outlives the record it leads to)."""
-        self._ttl = max(self._ttl, ttl)
+        plus its lease, so a lease entry outlives the record it leads to). On a running
+        store (a reload lengthened a ttl) the bucket is widened at once."""
+        if ttl <= self._ttl:
+            return
+        self._ttl = ttl
+        if self._kv is not None and self._managed:
+            # Held so the task is not garbage-collected before it ran.
+            self._widening = asyncio.get_running_loop().create_task(self._widen_now())
+
+    async def _widen_now(self) -> None:
+        try:
+            await self._keep_long_enough(self._js())
+        except nats.errors.Error as exc:  # the next start (after an outage) tries again
+            log.warning("KV bucket %s not widened to %gs: %s", self.bucket, self._ttl, _why(exc))
 
     async def start(self) -> None:
         js = self._js()
