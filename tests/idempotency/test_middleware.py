@@ -185,7 +185,12 @@ async def test_missing_key_header_is_dead_lettered(
     await wait_for(lambda: settled(nc), timeout=20, message="the message settled")
     assert runs(host) == []
     assert dead.headers is not None
-    assert "Order-Id" in dead.headers["Fnhost-Error"]
+    # Bad input: dead-lettered at its first delivery, not retried until max_deliver.
+    assert dead.headers["Fnhost-Attempts"] == "1"
+    assert dead.headers["Fnhost-Error"].startswith(
+        "PayloadError: idempotency key header 'Order-Id' is missing"
+    )
+    assert (await nc.jetstream().consumer_info("IN", "work")).num_redelivered == 0
 
 
 async def test_key_from_a_module_function(host_factory: HostFactory, nc: NatsClient) -> None:
