@@ -16,6 +16,7 @@ from nats.js.api import PubAck
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from fnhost_sdk import headers as h
 from fnhost_sdk.idempotency import Idempotency
 from fnhost_sdk.session import Session
 
@@ -131,17 +132,31 @@ class Context:
     ) -> PubAck | None:
         """Publish ``data``; when a stream captures ``subject``, wait until it is stored.
 
-        Without ``message_id``, a publish from a message with an identity gets
-        ``<idempotency key>/<index of this publish>``, so the stream's duplicate
-        window drops the re-publish of a redelivered message.
+        The message id is explicit when given as ``message_id`` or as a
+        ``Nats-Msg-Id`` in ``headers`` (``message_id`` wins when both are). Without
+        one, a publish from a message with an identity gets
+        ``<function>:<idempotency key>/<index of this publish>``, so the stream's
+        duplicate window drops the re-publish of a redelivered message, and not
+        another function's output of the same input.
         """
         index = self._outputs
         self._outputs = index + 1
-        if message_id is None:
-            key = self.idempotency_key
-            if key is not None:
-                message_id = f"{key}/{index}"
+        if message_id is None and not (headers and headers.get(h.MSG_ID)):
+            message_id = self._derived_id(index)
         return await self._session.publish(subject, data, message_id=message_id, headers=headers)
+
+    def _derived_id(self, index: int) -> str | None:
+        """The derived message id of this invocation's publish number ``index`` (from 0):
+        ``<function>:<idempotency key>/<index>``, or ``None`` without an identity.
+
+        The same on every redelivery of the message, to every host of the function.
+        The function's name (letters, digits, ``-``, ``_``: the first ``:`` ends it)
+        tells apart the outputs of functions that consume the same message.
+        """
+        key = self.idempotency_key
+        if key is None:
+            return None
+        return f"{self.function}:{key}/{index}"
 
     @overload
     async def request(

@@ -92,7 +92,10 @@ class Session:
     def prepare_headers(
         self, subject: str, message_id: str | None, headers: dict[str, str] | None
     ) -> dict[str, str] | None:
-        """Merge the message id and outgoing hooks into a copy of ``headers``."""
+        """Merge the message id and outgoing hooks into a copy of ``headers``.
+
+        A ``Nats-Msg-Id`` in ``headers`` is kept unless ``message_id`` is given,
+        which replaces it."""
         if not (message_id or headers or self._outgoing):
             return None
         merged = dict(headers) if headers else {}

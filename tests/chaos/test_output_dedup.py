@@ -1,8 +1,8 @@
 """F2: the host dies after its output's PubAck and before the input's ack.
 
 The redelivered input re-publishes its output with the same derived message id
-(``<stream>:<seq>/0``), the stream's duplicate window drops it, and the next
-stream holds every output exactly once.
+(``relay:<stream>:<seq>:<stored_at_ns>/0``), the stream's duplicate window drops
+it, and the next stream holds every output exactly once.
 """
 
 from __future__ import annotations

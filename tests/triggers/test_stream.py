@@ -346,9 +346,10 @@ OUTPUT = """\
 async def test_output_is_published_to_its_stream_with_a_message_id(
     host_factory, js: JetStreamContext, nc: NatsClient
 ) -> None:
-    """The return value goes to ``output:`` with ``Nats-Msg-Id`` = ``<input key>/0``: the
-    input's own message id, else ``<stream>:<sequence>:<storage time in ns>``, so a
-    redelivered input's output is dropped by the output stream's duplicate window."""
+    """The return value goes to ``output:`` with ``Nats-Msg-Id`` = ``<function>:<input
+    key>/0``, the input key being the input's own message id, else
+    ``<stream>:<sequence>:<storage time in ns>``, so a redelivered input's output is
+    dropped by the output stream's duplicate window."""
     text = manifest(output="out.doubled").replace("  DLQ:", '  OUT: {subjects: ["out.>"]}\n  DLQ:')
     await host_factory(text, {"fn.py": OUTPUT})
     await js.publish("in.a", b'{"n": 21}', headers={"Nats-Msg-Id": "order-7"})
@@ -365,8 +366,8 @@ async def test_output_is_published_to_its_stream_with_a_message_id(
         (msg.headers or {}).get("Nats-Msg-Id"): json.loads(msg.data) for msg in (first, second)
     }
     assert by_id == {
-        "order-7/0": {"doubled": 42, "attempt": 1},
-        f"IN:2:{stored_at_ns}/0": {"doubled": 10, "attempt": 1},
+        "work:order-7/0": {"doubled": 42, "attempt": 1},
+        f"work:IN:2:{stored_at_ns}/0": {"doubled": 10, "attempt": 1},
     }
     assert first.subject == second.subject == "out.doubled"
 
