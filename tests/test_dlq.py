@@ -20,6 +20,7 @@ import nats
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, RawStreamMsg
 
@@ -28,6 +29,7 @@ from fnhost.host import Host
 from fnhost.manifest import Manifest, load_manifest
 from fnhost.reload import apply_manifest
 from fnhost_sdk.server import NatsServer
+from fnhost_sdk.session import Session
 from fnhost_sdk.testing import wait_for
 from support import dead_letter_id_of, module_of
 
@@ -266,21 +268,27 @@ async def test_a_re_created_stream_s_poison_is_not_taken_for_the_old_one_s(
 
 @pytest.mark.nats
 async def test_a_missing_dlq_stream_leaves_the_original_unacked_until_it_exists(
-    host_factory, js: JetStreamContext
+    host_factory, js: JetStreamContext, nc: NatsClient, monkeypatch
 ) -> None:
-    """F3c, trigger path: the copy is retried, the original stays pending, then lands once."""
-    host = await host_factory(STREAMS + function(), {"fn.py": HANDLER})
+    """F3c, trigger path: the copy cannot be stored, so the original is nak'ed (never
+    termed or acked) and tried again; once the DLQ exists it lands, once."""
+    # A copy's publish gives up after 1 s instead of 30 s, so the test sees the nak.
+    monkeypatch.setitem(Session.__init__.__kwdefaults__, "publish_deadline", 1.0)
+    settles: list[str] = []
+
+    async def on_settle(msg: Msg) -> None:
+        settles.append((msg.data.decode() or "+ACK").split(" ")[0])
+
+    await nc.subscribe("$JS.ACK.IN.work.>", cb=on_settle)
+    host = await host_factory(STREAMS + function(max_deliver=50), {"fn.py": HANDLER})
     await js.delete_stream("DLQ")
     ack = await js.publish("in.a", b"reject me")
 
-    async def delivered_not_acked() -> bool:
-        info = await js.consumer_info("IN", "work")
-        return info.delivered.stream_seq == ack.seq and info.num_ack_pending == 1
-
-    await wait_for(delivered_not_acked, message="the original delivered and held")
-    # The server counts it delivered a moment before the handler has run.
-    await wait_for(lambda: module_of(host).SEEN, message="the handler ran")
-    assert module_of(host).SEEN == [(b"reject me", 1)]
+    await wait_for(lambda: "-NAK" in settles, message="the original nak'ed: its copy not stored")
+    assert next(s for s in settles if s != "+WPI") == "-NAK"
+    assert "+TERM" not in settles and "+ACK" not in settles
+    assert (await js.consumer_info("IN", "work")).ack_floor.stream_seq < ack.seq
+    assert module_of(host).SEEN[0] == (b"reject me", 1)
     manifest = host.manifest
     await provision.ensure_stream(js, provision.stream_config("DLQ", manifest.streams["DLQ"]))
 
@@ -290,6 +298,7 @@ async def test_a_missing_dlq_stream_leaves_the_original_unacked_until_it_exists(
         lambda: _acked(js, "work", ack.seq), message="the original settled after the copy"
     )
     assert len(await copies_of(js, ack.seq)) == 1
+    assert settles.count("+TERM") == 1 and settles[-1] == "+TERM"
 
 
 async def _acked(js: JetStreamContext, durable: str, seq: int) -> bool:
