@@ -274,7 +274,9 @@ async def test_long_and_nul_keys_run_once_each(
     for n, key in enumerate(keys):
         await nc.jetstream().publish("in.x", json.dumps({"n": n, "k": key}).encode())
     await wait_for(lambda: settled(nc), timeout=30, message="every message acked")
-    assert sorted(runs(host)) == [0, 2, 3, 5]
+    # Each distinct key ran once (which of two same-key messages runs depends on which
+    # takes the lease first: they are delivered together).
+    assert sorted(keys[n] for n in runs(host)) == sorted(set(keys))
     counts = host.metrics.counts("work")
     assert (counts.get("ack"), counts.get("duplicate"), counts.get("nak", 0)) == (4, 2, 0)
     assert readiness(host) == []
