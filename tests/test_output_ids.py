@@ -16,13 +16,18 @@ from support import stored_at_ns_of
 
 pytestmark = pytest.mark.nats
 
-FAN_OUT = """\
+STREAMS = """\
 version: 1
 http: false
 streams:
   IN: {subjects: ["in.>"], duplicate_window: 1h}
   OUT: {subjects: ["out.>"], duplicate_window: 1h}
 functions:
+"""
+
+FAN_OUT = (
+    STREAMS
+    + """\
   billing:
     module: billing.py
     trigger: {stream: IN, durable: billing}
@@ -31,6 +36,7 @@ functions:
     trigger: {stream: IN, durable: shipping}
     output: out.done
 """
+)
 
 BILLING = """\
     from fnhost_sdk import Retry
@@ -114,17 +120,14 @@ async def test_functions_consuming_one_stream_each_get_their_outputs_stored_once
     assert {body["attempt"] for _, body in messages if "output" not in body} == {1}
 
 
-HEADER_ID = """\
-version: 1
-http: false
-streams:
-  IN: {subjects: ["in.>"], duplicate_window: 1h}
-  OUT: {subjects: ["out.>"], duplicate_window: 1h}
-functions:
+HEADER_ID = (
+    STREAMS
+    + """\
   work:
     module: fn.py
     trigger: {stream: IN, durable: work}
 """
+)
 
 SHIP = """\
     DUPLICATE = []
