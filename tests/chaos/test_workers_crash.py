@@ -45,13 +45,12 @@ SLOW_SECONDS = 1.5
 
 SLOW_EXECUTION = f"""\
     if event["n"] % {SLOW_EVERY} == 0:
-        import os
         import time
 
-        db.execute("INSERT INTO slow (key, pid) VALUES (?, ?)", (key, os.getpid()))
+        db.execute("INSERT INTO slow (key, pid) VALUES (?, ?)", (key, pid))
         time.sleep({SLOW_SECONDS})
 """
-BEFORE_EFFECT = "    try:\n"
+BEFORE_EFFECT = '    db.execute("BEGIN IMMEDIATE")\n'
 assert SQLITE_EFFECT.count(BEFORE_EFFECT) == 1
 WORKER_EFFECT = SQLITE_EFFECT.replace(BEFORE_EFFECT, SLOW_EXECUTION + BEFORE_EFFECT)
 """F1's effect, with every ``SLOW_EVERY``-th key noting its worker pid and sleeping first."""
