@@ -80,15 +80,12 @@ def fnhost_middleware(function: FunctionSpec) -> Middleware:
         deadlines.enter(task)
         try:
             outcome = await call_next(call)
-        except asyncio.CancelledError:
-            if deadlines.leave(task) and task.uncancel() == 0:
-                raise _timed_out(call) from None
-            raise
         except BaseException as error:
-            if deadlines.leave(task):
-                # The handler caught the cancellation, then failed otherwise.
-                task.uncancel()
-                raise _timed_out(call) from error
+            if deadlines.leave(task) and task.uncancel() == 0:
+                # Cancelled for its deadline; or the handler caught that cancellation,
+                # then failed otherwise (that error is the cause).
+                cause = None if isinstance(error, asyncio.CancelledError) else error
+                raise _timed_out(call) from cause
             raise
         if deadlines.leave(task):
             # The handler caught the cancellation and returned (or an
