@@ -15,9 +15,11 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
+import nats
 import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 
 from conftest import HostFactory
 from fnhost.host import Host
@@ -26,6 +28,7 @@ from fnhost.manifest import parse_manifest
 from fnhost.plugins import hookimpl
 from fnhost.reload import apply_manifest
 from fnhost.types import CallNext, Invocation, Middleware, Nak, Outcome
+from fnhost_sdk.cluster import NatsCluster
 from fnhost_sdk.testing import wait_for
 from support import module_of
 from support.databases import RedisServer
@@ -307,6 +310,41 @@ async def test_kv_bucket_keeps_entries_for_the_ttl_after_the_lease(
         return (await js.stream_info("KV_fnhost_idempotency")).config.max_age
 
     await wait_for(lambda: _equals(max_age(), 7200 + lease), message="bucket widened on reload")
+
+
+@pytest.mark.slow  # a 3-node cluster and R3 placements take a few seconds
+async def test_kv_bucket_has_the_replicas_of_the_streams_it_guards(
+    nats_cluster: NatsCluster,  # first: stopped after host_factory drained its hosts
+    host_factory: HostFactory,
+) -> None:
+    """The bucket fnhost made had one replica whatever the streams: in a cluster, the
+    records guarding an R3 stream's messages lived on one server, and while it was down
+    no message could run (chaos F6: the host's server killed, 90 s without progress)."""
+    r1 = manifest("{store: kv, ttl: 1h, bucket: raised}")
+    r3 = r1.replace("duplicate_window: 1h}", "duplicate_window: 1h, replicas: 3}")
+    assert r3 != r1
+
+    async def replicas(js: JetStreamContext, bucket: str) -> int | None:
+        return (await js.stream_info(f"KV_{bucket}")).config.num_replicas
+
+    nc = await nats.connect(nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+        first = await host_factory(r1, {"fn.py": COUNTING}, url=nats_cluster.url)
+        assert await replicas(js, "raised") == 1
+        await first.drain()
+        # Made with the stream's replicas...
+        fresh = r3.replace(", bucket: raised}", "}")
+        made = await host_factory(fresh, {"fn.py": COUNTING}, url=nats_cluster.url)
+        assert await replicas(js, "fnhost_idempotency") == 3
+        await made.drain()
+        # ...and an existing bucket raised to them (never lowered).
+        await host_factory(r3, {"fn.py": COUNTING}, url=nats_cluster.url)
+        assert await replicas(js, "raised") == 3
+        await host_factory(r1, {"fn.py": COUNTING}, url=nats_cluster.url)
+        assert await replicas(js, "raised") == 3
+    finally:
+        await nc.close()
 
 
 async def _equals(value: Awaitable[Any], expected: Any) -> bool:

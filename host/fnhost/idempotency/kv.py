@@ -35,7 +35,10 @@ Expiry is stored in the value, so functions with different ``ttl`` share a
 bucket; the bucket's ``max_age`` (the largest ``ttl`` plus lease of the
 functions that use it, so a lease entry outlives the record it leads to; set
 when fnhost creates the bucket and raised, never lowered, when a store starts)
-lets the server drop old entries.
+lets the server drop old entries. Its replicas are those of the most
+replicated stream its functions consume (a record on fewer servers than the
+message it guards is out of reach, or lost, with one server), set and raised
+the same way.
 A bucket declared under ``kv:`` in fn.yaml is used as it is.
 
 Writes are pipelined across concurrent invocations
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import json
 import logging
@@ -158,6 +162,7 @@ class KVStore:
         *,
         nc: Callable[[], NatsClient] | None = None,
         ttl: float = 86400.0,
+        replicas: int = 1,
         managed: bool = True,
     ) -> None:
         self._js = js
@@ -166,6 +171,7 @@ class KVStore:
         self.bucket = bucket
         self._holder = holder
         self._ttl = ttl
+        self._replicas = replicas
         self._managed = managed
         self._prefix = f"$KV.{bucket}."
         self._kv: KeyValue | None = None
@@ -190,13 +196,15 @@ class KVStore:
 
         return encode
 
-    def widen(self, ttl: float) -> None:
+    def widen(self, ttl: float, replicas: int = 1) -> None:
         """A function uses the bucket: keep entries for at least ``ttl`` (its record ttl
-        plus its lease, so a lease entry outlives the record it leads to). On a running
-        store (a reload lengthened a ttl) the bucket is widened at once."""
-        if ttl <= self._ttl:
+        plus its lease, so a lease entry outlives the record it leads to), on at least
+        ``replicas`` servers (its trigger stream's). On a running store (a reload
+        lengthened a ttl, raised a stream's replicas) the bucket is widened at once."""
+        if ttl <= self._ttl and replicas <= self._replicas:
             return
-        self._ttl = ttl
+        self._ttl = max(self._ttl, ttl)
+        self._replicas = max(self._replicas, replicas)
         if self._kv is not None and self._managed:
             # Held so the task is not garbage-collected before it ran.
             self._widening = asyncio.get_running_loop().create_task(self._widen_now())
@@ -205,7 +213,13 @@ class KVStore:
         try:
             await self._keep_long_enough(self._js())
         except nats.errors.Error as exc:  # the next start (after an outage) tries again
-            log.warning("KV bucket %s not widened to %gs: %s", self.bucket, self._ttl, _why(exc))
+            log.warning(
+                "KV bucket %s not widened to %gs, %d replicas: %s",
+                self.bucket,
+                self._ttl,
+                self._replicas,
+                _why(exc),
+            )
 
     async def start(self) -> None:
         js = self._js()
@@ -218,7 +232,11 @@ class KVStore:
                 if not self._managed:
                     raise StoreUnavailable(f"KV bucket {self.bucket} does not exist") from None
                 config = KeyValueConfig(
-                    bucket=self.bucket, history=1, ttl=self._ttl, storage=StorageType.FILE
+                    bucket=self.bucket,
+                    history=1,
+                    ttl=self._ttl,
+                    storage=StorageType.FILE,
+                    replicas=self._replicas,
                 )
                 try:
                     self._kv = await js.create_key_value(config)
@@ -230,21 +248,29 @@ class KVStore:
             raise StoreUnavailable(f"KV bucket {self.bucket}: {_why(exc)}") from exc
 
     async def _keep_long_enough(self, js: JetStreamContext) -> None:
-        """Raise the bucket's ``max_age`` to what the functions now need (never lower it:
-        another host may serve functions that need more)."""
-        info = await js.stream_info(f"KV_{self.bucket}")
-        if info.config.max_age is not None and 0 < info.config.max_age < self._ttl:
-            was, info.config.max_age = info.config.max_age, self._ttl
-            try:
-                await js.update_stream(info.config)
-            except nats.js.errors.APIError as exc:  # e.g. no permission: still usable
-                log.warning(
-                    "KV bucket %s keeps entries %gs, its functions need %gs: %s",
-                    self.bucket,
-                    was,
-                    self._ttl,
-                    _why(exc),
-                )
+        """Raise the bucket's ``max_age`` and replicas to what the functions now need (never
+        lower them: another host may serve functions that need more)."""
+        config = (await js.stream_info(f"KV_{self.bucket}")).config
+        max_age, replicas = config.max_age or 0.0, config.num_replicas or 1
+        wider = config
+        if 0 < max_age < self._ttl:
+            wider = dataclasses.replace(wider, max_age=self._ttl)
+        if replicas < self._replicas:
+            wider = dataclasses.replace(wider, num_replicas=self._replicas)
+        if wider is config:
+            return
+        try:
+            await js.update_stream(wider)
+        except nats.js.errors.APIError as exc:  # e.g. no permission: still usable
+            log.warning(
+                "KV bucket %s keeps entries %gs on %d servers, its functions need %gs on %d: %s",
+                self.bucket,
+                max_age,
+                replicas,
+                self._ttl,
+                self._replicas,
+                _why(exc),
+            )
 
     async def begin(self, key: str, lease_ttl: float) -> Begin:
         writes = self._open()

@@ -160,8 +160,10 @@ class HostStores:
             guard = self.guards[ident] = StoreGuard(store, self.host)
         widen = getattr(guard.store, "widen", None)
         if widen is not None:
-            # A lease entry must outlive the record it leads to: ttl after the lease.
-            widen(spec.ttl + lease_for(function))
+            # A lease entry must outlive the record it leads to: ttl after the lease. And
+            # the records must survive the loss of a server as the messages they guard do.
+            stream = self.host.manifest.streams.get(function.trigger.stream or "")
+            widen(spec.ttl + lease_for(function), stream.replicas if stream else 1)
         return guard
 
 
