@@ -128,9 +128,13 @@ async def connect(
     name: str,
     on_reconnect: Callable[[], None] | None = None,
     on_closed: Callable[[], None] | None = None,
+    on_slow_consumer: Callable[[nats.errors.SlowConsumerError], None] | None = None,
     connect_timeout: float = 5.0,
 ) -> NatsClient:
     """Connect with fnhost's defaults; disconnects and reconnects are logged.
+
+    nats-py reports each message it drops for a subscription that fell behind
+    (``SlowConsumerError``) to ``on_slow_consumer`` instead of the log.
 
     While no server answers, the first connect retries forever (a host may
     start before its server). A server that refuses the credentials or the TLS
@@ -158,6 +162,9 @@ async def connect(
             why = refusal(exc)
             if why is not None:
                 raise _Refused(why) from exc
+        if on_slow_consumer is not None and isinstance(exc, nats.errors.SlowConsumerError):
+            on_slow_consumer(exc)
+            return
         log.warning("NATS error: %s", exc)
 
     options = connect_options(config, servers, name=name)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Literal
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from fnhost import provision
@@ -39,6 +42,8 @@ from fnhost_sdk.session import Session
 
 log = logging.getLogger("fnhost.host")
 
+SLOW_CONSUMER_LOG_EVERY = 10.0
+"""Seconds between two log lines about the messages one subscription dropped."""
 DEFAULT_GRACE = 30.0
 
 FunctionStatus = Literal["starting", "running", "failed", "draining", "stopped"]
@@ -61,6 +66,9 @@ class FunctionState:
         if self.error is not None and self.runtime is None:
             return "failed"
         return "starting" if self.trigger is None else self.trigger.status
+
+    def listens_on(self, sub: Subscription) -> bool:
+        return self.trigger is not None and self.trigger.subscription is sub
 
 
 class Host:
@@ -104,6 +112,7 @@ class Host:
         self._session: Session | None = None
         self._lost = asyncio.Event()
         self._stop = asyncio.Event()
+        self._slow_consumer_logged: dict[str, float] = {}
 
     @property
     def connected(self) -> bool:
@@ -139,6 +148,7 @@ class Host:
             name=f"fnhost {self.manifest.path.name}",
             on_reconnect=self._on_reconnect,
             on_closed=self._lost.set,
+            on_slow_consumer=self._on_slow_consumer,
         )
         # Looked up at each publish: a reload that declares a stream makes publishes to
         # its subjects durable at once.
@@ -274,6 +284,25 @@ class Host:
             state.executor.shutdown(wait=False)
         log.info("function %s stopped", name)
         await self.plugins.functions_changed(self)
+
+    def _on_slow_consumer(self, exc: nats.errors.SlowConsumerError) -> None:
+        # nats-py reports every message it drops: each is counted, and logged as one
+        # line per subscription every SLOW_CONSUMER_LOG_EVERY seconds.
+        function = next(
+            (name for name, state in self.functions.items() if state.listens_on(exc.sub)), ""
+        )
+        subscription = exc.sub.subject
+        dropped = self.metrics.count_slow_consumer(function, subscription)
+        now = time.monotonic()
+        if now - self._slow_consumer_logged.get(subscription, -math.inf) >= SLOW_CONSUMER_LOG_EVERY:
+            self._slow_consumer_logged[subscription] = now
+            log.error(
+                "slow consumer: %s dropped by the NATS client for %s (%d so far): its "
+                "handlers fall behind the messages arriving",
+                f"a message of function {function}" if function else "a message",
+                subscription,
+                dropped,
+            )
 
     def _on_reconnect(self) -> None:
         for state in self.functions.values():

@@ -3,7 +3,8 @@
 Names (DESIGN.md "Wire conventions"): ``fnhost_messages_total{function,outcome}``
 with every message under exactly one outcome, ``fnhost_invocation_duration_seconds``,
 ``fnhost_messages_published_total{subject}``, ``fnhost_inflight``,
-``fnhost_redeliveries_total``, ``fnhost_dead_lettered_total``, and
+``fnhost_redeliveries_total``, ``fnhost_dead_lettered_total``,
+``fnhost_slow_consumer_dropped_total{function,subscription}``, and
 ``fnhost_consumer_pending_messages{stream,consumer}`` refreshed from consumer
 info every few seconds so an autoscaler (KEDA, HPA) can scale on it.
 
@@ -80,6 +81,7 @@ class HostMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.functions: dict[str, FunctionStats] = {}
         self.published: dict[str, int] = {}
+        self.slow_consumer_drops: dict[tuple[str, str], int] = {}
         self.registry.register(self)  # a collector: it has collect()
         self.pending = Gauge(
             "fnhost_consumer_pending_messages",
@@ -156,7 +158,22 @@ class HostMetrics:
             dead_lettered.add_metric([name], stats.dead_lettered)
         for subject, count in self.published.items():
             published.add_metric([subject], count)
-        yield from (messages, duration, inflight, redeliveries, dead_lettered, published)
+        slow_consumer = CounterMetricFamily(
+            "fnhost_slow_consumer_dropped",
+            "Messages the NATS client dropped because a subscription fell behind.",
+            labels=["function", "subscription"],
+        )
+        for (function, subscription), count in self.slow_consumer_drops.items():
+            slow_consumer.add_metric([function, subscription], count)
+        yield from (
+            messages,
+            duration,
+            inflight,
+            redeliveries,
+            dead_lettered,
+            published,
+            slow_consumer,
+        )
 
     def middleware(self, function: FunctionSpec) -> Middleware:
         stats = self.stats(function.name)
@@ -194,6 +211,13 @@ class HostMetrics:
         """A core message a draining host turned away unrun: a 503 to a request; a subject
         message is dropped (core NATS is at-most-once)."""
         self.stats(function).outcomes["refused"] += 1
+
+    def count_slow_consumer(self, function: str, subscription: str) -> int:
+        """One message dropped by the client for ``subscription`` (of ``function``, or
+        ``""`` for one of the host's own); returns how many it dropped so far."""
+        key = (function, subscription)
+        dropped = self.slow_consumer_drops[key] = self.slow_consumer_drops.get(key, 0) + 1
+        return dropped
 
     def count_publish(self, subject: str, headers: dict[str, str]) -> None:
         published = self.published

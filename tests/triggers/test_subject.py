@@ -223,3 +223,51 @@ async def test_an_undecodable_message_is_logged_with_the_function_and_skipped(
     await wait_for(lambda: len(failures()) == 2, message="both bad messages logged")
     assert all("payload does not fit Event" in message for message in failures()), failures()
     assert host.functions["notify"].status == "running"
+
+
+GATED = """\
+    import asyncio
+
+    GATE = asyncio.Event()
+    SEEN = []
+
+
+    async def handle(data: dict) -> None:
+        SEEN.append(data["i"])
+        await GATE.wait()
+"""
+
+
+async def test_messages_dropped_for_a_subscription_that_fell_behind_are_counted_and_logged(
+    run_host, nc: NatsClient, monkeypatch, caplog
+) -> None:
+    """Core NATS is at-most-once: when a function's handlers fall behind, the client's
+    buffer for its subscription fills and nats-py drops messages. That must not pass as
+    a routine warning per message: each drop is counted on /metrics, and one error line
+    per subscription names the function (more lines would flood the log)."""
+    caplog.set_level(logging.INFO, logger="fnhost")
+    buffered = 5
+    monkeypatch.setattr("fnhost.triggers.subject.PENDING_MSGS_LIMIT", buffered)
+    host = await run_host(
+        manifest().replace("trigger:", "concurrency: 1\n            trigger:"), {"fn.py": GATED}
+    )
+    module = module_of(host, "notify")
+
+    def dropped() -> float:
+        return host.metrics.value(
+            "fnhost_slow_consumer_dropped_total", function="notify", subscription="events.happened"
+        )
+
+    try:
+        await publish_all(nc, 40)
+        # One runs (blocked), the next waits for its slot, the buffer holds a few.
+        await wait_for(lambda: dropped() >= 40 - 2 * buffered, message="the drops counted")
+    finally:
+        module.GATE.set()
+    await wait_for(lambda: len(seen(host)) + dropped() == 40, message="each run or dropped")
+    assert len(seen(host)) <= buffered + 2
+    alarms = [r for r in caplog.records if "slow consumer" in r.getMessage()]
+    assert len(alarms) == 1, [r.getMessage() for r in alarms]
+    assert alarms[0].levelno == logging.ERROR
+    assert "function notify" in alarms[0].getMessage()
+    assert not [r for r in caplog.records if "NATS error" in r.getMessage()]

@@ -18,6 +18,7 @@ from typing import Literal
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from fnhost.loader import LoadedFunction
 from fnhost.manifest import FunctionSpec
@@ -118,6 +119,8 @@ class Trigger(ABC):
         self.name = runtime.spec.name
         self.slots = Slots(runtime.spec.concurrency)
         self.status: TriggerStatus = "starting"
+        self.subscription: Subscription | None = None
+        """Where the trigger's messages arrive (None before it subscribed, after it drained)."""
         self._backlog: deque[Msg] = deque()
         self._idle: list[asyncio.Future[None]] = []
         self._waking = False

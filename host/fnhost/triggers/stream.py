@@ -32,7 +32,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from fnhost.dlq import dead_letter_headers
 from fnhost.invocation import outcome_for_error
@@ -95,7 +94,6 @@ class StreamTrigger(Trigger):
         self._refusing = False
         self._last_heard = 0.0
         self._wake = asyncio.Event()
-        self._sub: Subscription | None = None
         self._pull_task: asyncio.Task[None] | None = None
         self._ping_task: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -111,7 +109,7 @@ class StreamTrigger(Trigger):
         return self.slots.in_use + self._credit
 
     async def subscribe(self) -> None:
-        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
+        self.subscription = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
         loop = asyncio.get_running_loop()
         self._last_heard = loop.time()
         self._pull_task = loop.create_task(self._pull_loop(), name=f"fnhost-pull-{self.name}")
@@ -135,8 +133,8 @@ class StreamTrigger(Trigger):
         finally:
             if self._ping_task is not None:
                 self._ping_task.cancel()
-            if self._sub is not None:
-                sub, self._sub = self._sub, None
+            if self.subscription is not None:
+                sub, self.subscription = self.subscription, None
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
 
@@ -160,11 +158,11 @@ class StreamTrigger(Trigger):
         more messages than its concurrency. The server drops a waiting pull request
         whose reply subject nobody listens to, so the old inbox's is never served.
         """
-        old = self._sub
+        old = self.subscription
         self._inbox = self.nc.new_inbox()
         self._credit = 0
         try:
-            self._sub = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
+            self.subscription = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
             if old is not None:
                 await old.unsubscribe()
         except nats.errors.Error as exc:

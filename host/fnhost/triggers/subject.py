@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from fnhost.invocation import outcome_for_error
 from fnhost.logs import current_invocation
@@ -36,7 +35,6 @@ class CoreTrigger(Trigger):
         self._on_refused = on_refused
         trigger = runtime.spec.trigger
         self.subject = trigger.request or trigger.subject or ""
-        self._sub: Subscription | None = None
 
     def describe(self) -> str:
         group = self.runtime.spec.trigger.queue_group
@@ -44,7 +42,7 @@ class CoreTrigger(Trigger):
 
     async def subscribe(self) -> None:
         spec = self.runtime.spec
-        self._sub = await self.nc.subscribe(
+        self.subscription = await self.nc.subscribe(
             self.subject,
             queue=spec.trigger.queue_group or "",
             cb=self._on_message,
@@ -58,8 +56,8 @@ class CoreTrigger(Trigger):
         # through _on_message (which refuses them while draining) instead of being
         # dropped: a caller learns at once that it must try again elsewhere.
         self.slots.close()
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
+        if self.subscription is not None:
+            sub, self.subscription = self.subscription, None
             if self.nc.is_connected:
                 await sub.drain()  # type: ignore[no-untyped-call]
             elif not (self.nc.is_closed or self.nc.is_draining):
