@@ -29,10 +29,9 @@ lost, duplicates and what caused each, executions, deliveries skipped as
 duplicates, publish retries, the unready stretches and which node held which
 roles when it was killed.
 
-Known product gap (the xfail below): a ``kv`` record whose write meets the
-bucket's leader election (no responders, or no answer within 5 s) is not
-retried; the message is nak'd with its effect done, and once its lease expires
-the redelivery runs the effect again.
+A ``kv`` record whose write meets the bucket's leader election (no responders,
+or no answer within 5 s) is tried again until the new leader stores it; before
+that was so, 2 to 35 effects a run ran twice here.
 """
 
 from __future__ import annotations
@@ -117,10 +116,6 @@ functions:
     dead_letter: dlq.effect
     config: {{db: "{db}"}}
 """
-
-
-class DuplicateEffects(AssertionError):
-    """A key's handler ran more than once: the F6 criterion the kv store misses today."""
 
 
 class ReadyWatch(threading.Thread):
@@ -361,15 +356,6 @@ class Counts:
     exit_code: int
 
 
-@pytest.mark.xfail(
-    raises=DuplicateEffects,
-    # Not strict: a run only fails when a kill lands while a record write travels to the
-    # bucket's leader (2 to 35 effects ran twice in 6 of 7 runs here, 0 in the other).
-    # Any other failed check still fails the test. Remove the mark once fixed.
-    strict=False,
-    reason="kv store: a record write that meets the bucket leader's election is not "
-    "retried; the redelivery runs the effect again once the lease expires",
-)
 async def test_f6_kill_stream_leader_consumer_leader_and_host_server(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:
@@ -499,8 +485,7 @@ async def test_f6_kill_stream_leader_consumer_leader_and_host_server(
     assert (counts.skipped_as_duplicate or 0) + again >= 1
     # 0 duplicate effects, by the idempotency store alone: each key's handler ran once
     # (the UNIQUE constraint would hide a second run; the attempts table shows it).
-    if counts.runs or counts.repeats:
-        raise DuplicateEffects(
-            f"{len(counts.runs)} keys ran more than once, {counts.record_lost} runs after "
-            f"a record write failed to the store: {dict(list(counts.runs.items())[:10])}"
-        )
+    assert not (counts.runs or counts.repeats), (
+        f"{len(counts.runs)} keys ran more than once, {counts.record_lost} runs after "
+        f"a record write failed to the store: {dict(list(counts.runs.items())[:10])}"
+    )

@@ -233,6 +233,46 @@ async def test_store_down_naks_reports_and_recovers(
     assert readiness(host) == []
 
 
+GATED = """\
+import asyncio
+
+runs = []
+GATE = asyncio.Event()
+
+
+async def handle(event: dict, ctx) -> None:
+    runs.append(event["n"])
+    await GATE.wait()
+"""
+
+
+async def test_a_record_the_store_refuses_for_a_while_is_stored_once_it_is_back(
+    host_factory: HostFactory, nc: NatsClient, redis_server: RedisServer
+) -> None:
+    """The handler succeeded, then the store went away before its key was recorded (a
+    restart, a KV bucket's leader election): the effect has happened, so the record is
+    tried again until the store is back and the message acked, never nak'ed to run
+    again. Nak'ed at the first failure, the redelivery found no record and ran the
+    handler a second time."""
+    host = await host_factory(
+        manifest(f"{{store: redis, url: '{redis_server.url}'}}"), {"fn.py": GATED}
+    )
+    await publish(nc, 1)
+    module = module_of(host)
+    await wait_for(lambda: runs(host) == [1], message="the handler running")
+    redis_server.kill()
+    module.GATE.set()
+    await wait_for(
+        lambda: "idempotency:redis" in host.problems, message="the record failed, store down"
+    )
+    redis_server.start()
+    await wait_for(lambda: settled(nc), timeout=30, message="the message acked")
+    assert runs(host) == [1]
+    assert host.metrics.counts("work")["nak"] == 0
+    assert (await nc.jetstream().consumer_info("IN", "work")).num_redelivered == 0
+    await wait_for(lambda: readiness(host) == [], timeout=30, message="ready again")
+
+
 async def test_store_back_with_no_message_left_to_use_it_clears_readiness(
     host_factory: HostFactory, nc: NatsClient, redis_server: RedisServer
 ) -> None:

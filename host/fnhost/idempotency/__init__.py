@@ -120,7 +120,10 @@ class Store(Protocol):
         ...
 
     async def record(self, key: str, token: Token, ttl: float) -> None:
-        """Replace our lease with a record kept for (at least) ``ttl`` seconds."""
+        """Replace our lease with a record kept for (at least) ``ttl`` seconds.
+
+        Called again with the same token when it raised :class:`StoreUnavailable`
+        (the effect happened: the key is recorded whoever holds it now)."""
         ...
 
     async def release(self, key: str, token: Token) -> None:

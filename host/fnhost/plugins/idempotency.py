@@ -17,7 +17,9 @@ For a function with ``idempotency:`` in fn.yaml the middleware, per message:
 3. runs the rest of the chain. An ack is returned only after the key is
    recorded (unless the handler recorded it itself with
    ``ctx.idempotency.record_in(conn)``); any other outcome releases the lease,
-   so the redelivery can take it at once.
+   so the redelivery can take it at once. A record the store cannot take (it
+   fails over) is tried again for up to :data:`RECORD_PATIENCE` seconds before
+   the message is nak'ed: its effect has happened.
 
 A store that cannot be reached makes the message nak (with the function's
 back-off), never ack unprocessed, and puts ``idempotency:<store>`` among the
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 from fnhost.errors import HandlerTimeout, LoadError
-from fnhost.idempotency import Store, StoreUnavailable, open_store
+from fnhost.idempotency import Store, StoreUnavailable, Token, open_store
 from fnhost.invocation import describe
 from fnhost.manifest import FunctionSpec, IdempotencySpec
 from fnhost.plugins import hookimpl
@@ -69,6 +71,14 @@ log = logging.getLogger("fnhost.idempotency")
 
 POLL_FIRST, POLL_MAX = 0.02, 0.5
 """Seconds between looks at a lease being waited on: from the first, doubling to the max."""
+RECORD_PATIENCE = 30.0
+"""Seconds a delivery whose handler succeeded keeps trying to store its key before it
+naks: a store failing over (a KV bucket's leader election, a Redis or PostgreSQL
+restart) refuses or times out for a few seconds, and the effect has happened: only the
+record keeps the redelivery from running it again. The trigger's in-progress pings
+keep the message from being redelivered meanwhile."""
+RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.1, 2.0
+"""Seconds between tries to store a key: from the first, doubling to the max."""
 PROBE_FIRST, PROBE_MAX = 1.0, 30.0
 """Seconds between probes of a store that is down: from the first, doubling to the max."""
 
@@ -299,6 +309,28 @@ def build_middleware(
                 return begin
             expires_at = begin.expires_at
 
+    async def record(key: str, token: Token) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RECORD_PATIENCE
+        pause = RECORD_RETRY_FIRST
+        while True:
+            try:
+                await store.record(key, token, ttl)
+                return
+            except StoreUnavailable as exc:
+                if loop.time() + pause >= give_up:
+                    raise
+                guard.failed(exc)
+                log.warning(
+                    "idempotency key %s: the handler succeeded, its record was not stored "
+                    "(%s); trying again in %gs",
+                    key,
+                    exc,
+                    pause,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RECORD_RETRY_MAX)
+
     async def idempotency(call: Invocation, call_next: CallNext) -> Outcome:
         try:
             raw = resolve(call)
@@ -341,7 +373,7 @@ def build_middleware(
             if isinstance(outcome, Ack):
                 if not handle.recorded:
                     # Never ack before the record is stored.
-                    await store.record(key, token, ttl)
+                    await record(key, token)
             elif not _timed_out(outcome):
                 # (A timed-out plain def's thread runs on: its lease expires by itself,
                 # so no other delivery of the key runs beside it until then.)
