@@ -40,6 +40,7 @@ class NatsCluster:
     Nodes are named ``{name}-n1``…; their store dirs are ``root/n1``…. Route
     ports are reserved up front (every node must know the others' before any
     starts); client ports are ephemeral and pinned like ``NatsServer``'s.
+    ``die_with_parent`` is passed to every node (:class:`NatsServer`).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class NatsCluster:
         name: str = "fnhost",
         config_extra: str = "",
         start_timeout: float = 30.0,
+        die_with_parent: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
@@ -69,6 +71,7 @@ class NatsCluster:
                 server_name=f"{name}-n{i + 1}",
                 config_extra=config_extra,
                 start_timeout=start_timeout,
+                die_with_parent=die_with_parent,
             )
             for i in range(size)
         ]

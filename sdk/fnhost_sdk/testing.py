@@ -147,7 +147,8 @@ def nats_url(nats_server: NatsServer) -> str:
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     """A 3-node JetStream cluster on loopback, started and with a meta leader."""
-    cluster = NatsCluster(tmp_path / "cluster", 3)
+    # A test run killed outright (a CI time box, Ctrl-C twice) leaves no server.
+    cluster = NatsCluster(tmp_path / "cluster", 3, die_with_parent=True)
     cluster.start()
     try:
         yield cluster

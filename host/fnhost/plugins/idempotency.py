@@ -77,8 +77,10 @@ naks: a store failing over (a KV bucket's leader election, a Redis or PostgreSQL
 restart) refuses or times out for a few seconds, and the effect has happened: only the
 record keeps the redelivery from running it again. The trigger's in-progress pings
 keep the message from being redelivered meanwhile."""
-RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.1, 2.0
-"""Seconds between tries to store a key: from the first, doubling to the max."""
+RECORD_RETRY_FIRST, RECORD_RETRY_MAX = 0.1, 0.5
+"""Seconds between tries to store a key: from the first, doubling to the max (short: once
+the store is back, the record must land before a redelivery whose lease ran out meanwhile
+takes the key over)."""
 PROBE_FIRST, PROBE_MAX = 1.0, 30.0
 """Seconds between probes of a store that is down: from the first, doubling to the max."""
 
