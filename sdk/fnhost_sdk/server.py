@@ -43,6 +43,7 @@ __all__ = [
     "ClusterSpec",
     "NatsServer",
     "NatsServerError",
+    "OwnerWatchdog",
     "find_nats_servers",
     "free_port",
     "nats_server_binary",
@@ -226,12 +227,13 @@ def find_nats_servers(under: Path) -> list[int]:
     return [pid for pid, args in _process_table() if marker in args and pid != os.getpid()]
 
 
-# The watchdog runs as `python -I -S -c _WATCHDOG PID CONFIG`. It blocks reading a
+# The watchdog runs as `python -I -S -c _WATCHDOG PID MARKER`. It blocks reading a
 # pipe whose only write end this process holds: EOF means the owner closed it
-# (stop) or died (kill -9, OOM), and in the second case the server, still alive,
-# gets SIGTERM, then SIGKILL. The config path on the server's command line is
-# checked first, so a reused pid is never signalled. Self-contained: -I -S keeps
-# its start-up fast and independent of the caller's sys.path.
+# (the process stopped) or died (kill -9, OOM), and in the second case the
+# process, still alive, gets SIGTERM, then SIGKILL. MARKER (a server's config
+# path, a host's manifest) on its command line is checked first, so a reused pid
+# is never signalled. Self-contained: -I -S keeps its start-up fast and
+# independent of the caller's sys.path.
 _WATCHDOG = r"""
 import os, signal, subprocess, sys, time
 pid, marker = int(sys.argv[1]), sys.argv[2]
@@ -262,6 +264,47 @@ if ours():
         except OSError:
             pass
 """
+
+
+class OwnerWatchdog:
+    """Stops process ``pid`` if this process dies without stopping it first.
+
+    A small process (``_WATCHDOG``) holds the read end of a pipe whose only write end
+    this process holds: when this process dies (even by SIGKILL or the OOM killer),
+    the watchdog sends ``pid`` SIGTERM, then SIGKILL after 10 s. ``marker`` must be
+    on ``pid``'s command line, so a reused pid is never signalled. Call
+    :meth:`release` once ``pid`` has exited. The watchdog's own errors go to
+    ``log_path``.
+    """
+
+    def __init__(self, pid: int, marker: str, log_path: Path) -> None:
+        read_end, write_end = os.pipe()  # both non-inheritable: no other child keeps it open
+        try:
+            with log_path.open("ab") as log_file:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(pid), marker],
+                    stdin=read_end,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log_file,
+                    start_new_session=True,
+                )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self._pipe: int | None = write_end
+
+    def release(self) -> None:
+        """The watched process is gone: the watchdog finds nothing to stop and exits."""
+        if self._pipe is not None:
+            os.close(self._pipe)
+            self._pipe = None
+        try:
+            self._proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
 
 # Every NatsServer with a live process, so interpreter exit can stop forgotten ones.
@@ -328,8 +371,7 @@ class NatsServer:
         self._port = port
         self._monitor_port = -1
         self._proc: subprocess.Popen[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
-        self._watchdog_pipe: int | None = None
+        self._watchdog: OwnerWatchdog | None = None
         self._log_offset = 0
         self._paused = False
 
@@ -546,7 +588,7 @@ class NatsServer:
         self._paused = False
         _LIVE.add(self)
         if self.die_with_parent:
-            self._start_watchdog()
+            self._watchdog = OwnerWatchdog(self._proc.pid, str(self.config_path), self.log_path)
 
     def _read_ports(self) -> tuple[int, int] | None:
         pid = self.pid
@@ -587,44 +629,9 @@ class NatsServer:
             self.kill()
             raise
 
-    def _start_watchdog(self) -> None:
-        assert self._proc is not None
-        read_end, write_end = os.pipe()  # both non-inheritable: no other child keeps it open
-        try:
-            with self.log_path.open("ab") as log_file:
-                self._watchdog = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-I",
-                        "-S",
-                        "-c",
-                        _WATCHDOG,
-                        str(self._proc.pid),
-                        str(self.config_path),
-                    ],
-                    stdin=read_end,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log_file,
-                    start_new_session=True,
-                )
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
-        self._watchdog_pipe = write_end
-
     def _exited(self) -> None:
         self._paused = False
         _LIVE.discard(self)
-        if self._watchdog_pipe is not None:
-            # The server is gone, so the watchdog finds nothing to stop and exits.
-            os.close(self._watchdog_pipe)
-            self._watchdog_pipe = None
         if self._watchdog is not None:
-            try:
-                self._watchdog.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self._watchdog.kill()
-                self._watchdog.wait()
+            self._watchdog.release()
             self._watchdog = None

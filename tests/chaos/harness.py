@@ -2,7 +2,9 @@
 
 Every process runs ``python -m fnhost run fn.yaml --nats URL`` in its own
 process group, with the test plugins importable (``plugins_for_tests``), and
-logs to a file the test can read after the process is gone.
+logs to a file the test can read after the process is gone. A watchdog stops
+it (a drain, then SIGKILL) if the test process dies first: pytest ended by
+SIGTERM or SIGKILL runs no teardown, and the host would reconnect forever.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from fnhost_sdk.server import OwnerWatchdog
 from fnhost_sdk.waiting import wait_for_sync
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -41,6 +44,7 @@ class HostProcess:
         self.log_path = manifest.parent / f"{name}.log"
         self.lives = 0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: OwnerWatchdog | None = None
 
     @property
     def alive(self) -> bool:
@@ -59,6 +63,7 @@ class HostProcess:
 
     def start(self, *, wait_ready: bool = True) -> None:
         """Start a new life of the host; by default wait until it logs that it is ready."""
+        self._release_watchdog()
         with self.log_path.open("ab") as log:
             log.write(f"--- life {self.lives + 1}\n".encode())
             log.flush()
@@ -80,6 +85,7 @@ class HostProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self._watchdog = OwnerWatchdog(self._proc.pid, str(self.manifest), self.log_path)
         self.lives += 1
         if wait_ready:
             life = self.lives
@@ -97,13 +103,16 @@ class HostProcess:
         if self._proc is not None and self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
+        self._release_watchdog()
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM (a graceful drain) and return the exit code."""
         assert self._proc is not None
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
-        return self._proc.wait(timeout)
+        code = self._proc.wait(timeout)
+        self._release_watchdog()
+        return code
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -116,3 +125,9 @@ class HostProcess:
 
     def close(self) -> None:
         self.kill()
+
+    def _release_watchdog(self) -> None:
+        """The last life has exited: its watchdog has nothing left to stop."""
+        if self._watchdog is not None and self._proc is not None and self._proc.poll() is not None:
+            self._watchdog.release()
+            self._watchdog = None
