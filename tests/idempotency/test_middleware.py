@@ -247,13 +247,17 @@ async def handle(event: dict, ctx) -> None:
 
 
 async def test_a_record_the_store_refuses_for_a_while_is_stored_once_it_is_back(
-    host_factory: HostFactory, nc: NatsClient, redis_server: RedisServer
+    host_factory: HostFactory,
+    nc: NatsClient,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The handler succeeded, then the store went away before its key was recorded (a
     restart, a KV bucket's leader election): the effect has happened, so the record is
     tried again until the store is back and the message acked, never nak'ed to run
     again. Nak'ed at the first failure, the redelivery found no record and ran the
-    handler a second time."""
+    handler a second time. One warning for the delivery, not one for each try."""
+    caplog.set_level(logging.INFO, logger="fnhost.idempotency")
     host = await host_factory(
         manifest(f"{{store: redis, url: '{redis_server.url}'}}"), {"fn.py": GATED}
     )
@@ -271,6 +275,9 @@ async def test_a_record_the_store_refuses_for_a_while_is_stored_once_it_is_back(
     assert host.metrics.counts("work")["nak"] == 0
     assert (await nc.jetstream().consumer_info("IN", "work")).num_redelivered == 0
     await wait_for(lambda: readiness(host) == [], timeout=30, message="ready again")
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([m for m in messages if "its record was not stored" in m]) == 1, messages
+    assert len([m for m in messages if "recorded at try" in m]) == 1, messages
 
 
 async def test_store_back_with_no_message_left_to_use_it_clears_readiness(

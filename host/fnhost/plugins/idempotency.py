@@ -315,21 +315,27 @@ def build_middleware(
         loop = asyncio.get_running_loop()
         give_up = loop.time() + RECORD_PATIENCE
         pause = RECORD_RETRY_FIRST
+        tries = 1
         while True:
             try:
                 await store.record(key, token, ttl)
-                return
             except StoreUnavailable as exc:
                 if loop.time() + pause >= give_up:
                     raise
                 guard.failed(exc)
-                log.warning(
-                    "idempotency key %s: the handler succeeded, its record was not stored "
-                    "(%s); trying again in %gs",
-                    key,
-                    exc,
-                    pause,
-                )
+                if tries == 1:  # one line a delivery, not one a try
+                    log.warning(
+                        "idempotency key %s: the handler succeeded, its record was not "
+                        "stored (%s); trying again for up to %gs",
+                        key,
+                        exc,
+                        RECORD_PATIENCE,
+                    )
+            else:
+                if tries > 1:
+                    log.info("idempotency key %s recorded at try %d", key, tries)
+                return
+            tries += 1
             await asyncio.sleep(pause)
             pause = min(pause * 2, RECORD_RETRY_MAX)
 
