@@ -211,7 +211,7 @@ class KVStore:
 
     async def _widen_now(self) -> None:
         try:
-            await self._keep_long_enough(self._js())
+            await self._raise_bucket_limits(self._js())
         except nats.errors.Error as exc:  # the next start (after an outage) tries again
             log.warning(
                 "KV bucket %s not widened to %gs, %d replicas: %s",
@@ -227,7 +227,7 @@ class KVStore:
             try:
                 self._kv = await js.key_value(self.bucket)
                 if self._managed:
-                    await self._keep_long_enough(js)
+                    await self._raise_bucket_limits(js)
             except nats.js.errors.BucketNotFoundError:
                 if not self._managed:
                     raise StoreUnavailable(f"KV bucket {self.bucket} does not exist") from None
@@ -247,7 +247,7 @@ class KVStore:
         except nats.errors.Error as exc:
             raise StoreUnavailable(f"KV bucket {self.bucket}: {_why(exc)}") from exc
 
-    async def _keep_long_enough(self, js: JetStreamContext) -> None:
+    async def _raise_bucket_limits(self, js: JetStreamContext) -> None:
         """Raise the bucket's ``max_age`` and replicas to what the functions now need (never
         lower them: another host may serve functions that need more)."""
         config = (await js.stream_info(f"KV_{self.bucket}")).config

@@ -42,11 +42,11 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 from fnhost.errors import HandlerTimeout, LoadError
-from fnhost.idempotency import Store, StoreUnavailable, Token, open_store
+from fnhost.idempotency import Begin, Store, StoreUnavailable, Token, open_store
 from fnhost.invocation import describe
 from fnhost.manifest import FunctionSpec, IdempotencySpec
 from fnhost.plugins import hookimpl
@@ -295,21 +295,23 @@ def build_middleware(
         why = f"idempotency store {store.name} unavailable: {exc}"
         return Nak(retry.delay_for(call.attempt), why) if stream else Failed(why)
 
-    async def wait_on_lease(call: Invocation, key: str, expires_at: float) -> Any:
+    async def take(call: Invocation, key: str) -> Begin:
+        """The key's lease (``new``) or ``done``: another holder's live lease is waited on."""
+        begin = await store.begin(key, lease)
+        if begin.state != "leased":
+            return begin
         log.info("idempotency key %s is leased by another delivery; waiting for it", key)
         loop = asyncio.get_running_loop()
         pinged = loop.time()
         poll = POLL_FIRST
-        while True:
-            await asyncio.sleep(max(0.0, min(poll, expires_at - time.time() + 0.005)))
+        while begin.state == "leased":
+            await asyncio.sleep(max(0.0, min(poll, begin.expires_at - time.time() + 0.005)))
             poll = min(poll * 2, POLL_MAX)
             if stream and loop.time() - pinged >= ping_every:
                 await call.in_progress()
                 pinged = loop.time()
             begin = await store.begin(key, lease)
-            if begin.state != "leased":
-                return begin
-            expires_at = begin.expires_at
+        return begin
 
     async def record(key: str, token: Token) -> None:
         loop = asyncio.get_running_loop()
@@ -351,9 +353,7 @@ def build_middleware(
         try:
             if not guard.started:
                 await guard.start()
-            begin = await store.begin(key, lease)
-            if begin.state == "leased":
-                begin = await wait_on_lease(call, key, begin.expires_at)
+            begin = await take(call, key)
         except StoreUnavailable as exc:
             return unavailable(call, exc)
         if guard.down:
@@ -369,9 +369,7 @@ def build_middleware(
             # duplicate, not a failure (dead-lettered on the last attempt, a replay
             # would run the effect again).
             try:
-                again = await store.begin(key, lease)
-                if again.state == "leased":
-                    again = await wait_on_lease(call, key, again.expires_at)
+                again = await take(call, key)
             except StoreUnavailable as exc:
                 return unavailable(call, exc)
             if again.state == "done":
