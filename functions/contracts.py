@@ -6,7 +6,8 @@ from pydantic import BaseModel, Field
 
 
 class LineItem(BaseModel):
-    sku: str = Field(min_length=1)
+    # Letters, digits, - and _: a SKU is part of a KV key (functions/inventory.py).
+    sku: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     qty: int = Field(gt=0)
     price: float = Field(ge=0)
 

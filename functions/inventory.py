@@ -1,28 +1,37 @@
 """inventory: reserve stock for each paid order in the ``inventory`` KV bucket.
 
-Each SKU's reserved count is updated with optimistic concurrency (the KV
-revision), so hosts running this function side by side never lose an update.
+Each SKU of an order is one entry, ``reservations.<order_id>.<sku>``, holding
+the quantity reserved, written with ``create`` (only if it does not exist). So
+a payment delivered again (a retry, a redelivery after a crash) reserves
+nothing twice, and orders never contend for one SKU's entry: the stock a SKU
+has reserved is the sum over ``reservations.*.<sku>``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import nats.js.errors
 
-from fnhost_sdk import Context, Retry
+from fnhost_sdk import Context
 from functions.contracts import PaymentCompleted
 
 
 async def handle(payment: PaymentCompleted, ctx: Context) -> None:
     kv = await ctx.kv("inventory")
+    quantities: Counter[str] = Counter()
     for item in payment.items:
-        key = f"reserved.{item.sku}"
+        quantities[item.sku] += item.qty
+    reserved = 0
+    for sku, qty in quantities.items():
         try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            await kv.create(key, str(item.qty).encode())
-            continue
-        try:
-            await kv.update(key, str(int(entry.value or b"0") + item.qty).encode(), entry.revision)
+            await kv.create(f"reservations.{payment.order_id}.{sku}", str(qty).encode())
         except nats.js.errors.KeyWrongLastSequenceError:
-            raise Retry(delay=0.05, reason=f"concurrent reservation of {item.sku}") from None
-    ctx.log.info("inventory reserved %d lines for order %s", len(payment.items), payment.order_id)
+            continue  # an earlier delivery of this payment reserved it
+        reserved += 1
+    ctx.log.info(
+        "inventory reserved %d of %d SKUs for order %s",
+        reserved,
+        len(quantities),
+        payment.order_id,
+    )

@@ -15,6 +15,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
 
 from fnhost_sdk.testing import assert_no_stray_servers
@@ -77,7 +78,7 @@ def test_create_order_is_answered_and_charged_by_payment(
         rows = db.execute("SELECT customer_id, amount FROM charges WHERE order_id = ?", (order_id,))
         assert rows.fetchall() == [("c1", 99.95)]
     wait_for_sync(
-        lambda: f"inventory reserved 0 lines for order {order_id}" in dev.log(),
+        lambda: f"inventory reserved 0 of 0 SKUs for order {order_id}" in dev.log(),
         timeout=60,
         message="inventory saw the completed payment",
     )
@@ -86,3 +87,55 @@ def test_create_order_is_answered_and_charged_by_payment(
     assert bad.returncode == 1, bad.stdout
     assert "400" in bad.stderr and "total" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_inventory_reserves_each_sku_of_an_order_once_however_often_it_is_paid(
+    example: tuple[Path, DevServer],
+) -> None:
+    project, dev = example
+    order = {
+        "customer_id": "c3",
+        "total": 25.0,
+        "items": [
+            {"sku": "A1", "qty": 2, "price": 5.0},
+            {"sku": "B2", "qty": 1, "price": 10.0},
+            {"sku": "A1", "qty": 1, "price": 5.0},
+        ],
+    }
+    result = fnhost("invoke", "create-order", json.dumps(order), cwd=project)
+    assert result.returncode == 0, result.stderr
+    order_id = json.loads(result.stdout)["order_id"]
+    wait_for_sync(
+        lambda: f"inventory reserved 2 of 2 SKUs for order {order_id}" in dev.log(),
+        timeout=60,
+        message="inventory reserved the order's SKUs",
+    )
+
+    # The same payment again, as a redelivery after a crash brings it (another
+    # message id, so the stream stores it again).
+    payment = {**order, "order_id": order_id, "amount": 25.0}
+    again = fnhost(
+        "publish", "payments.completed.v1", json.dumps(payment), "--id", "again", cwd=project
+    )
+    assert again.returncode == 0, again.stderr
+    wait_for_sync(
+        lambda: f"inventory reserved 0 of 2 SKUs for order {order_id}" in dev.log(),
+        timeout=60,
+        message="inventory saw the payment again",
+    )
+
+    nc = await nats.connect((project / ".fnhost" / "nats.url").read_text().strip())
+    try:
+        kv = await nc.jetstream().key_value("inventory")
+        reserved = {key: (await kv.get(key)).value for key in await kv.keys()}
+    finally:
+        await nc.close()
+    assert reserved == {
+        f"reservations.{order_id}.A1": b"3",
+        f"reservations.{order_id}.B2": b"1",
+    }
+
+    bad_sku = {**order, "items": [{"sku": "A 1", "qty": 1, "price": 5.0}]}
+    refused = fnhost("invoke", "create-order", json.dumps(bad_sku), cwd=project)
+    assert refused.returncode == 1, refused.stdout
+    assert "400" in refused.stderr and "sku" in refused.stderr, refused.stderr
