@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -78,6 +79,12 @@ def run(main: Coroutine[Any, Any, T], loop: str) -> T:
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def median_of(values: Sequence[float | None]) -> float | None:
+    """The median of the values that were measured (not None); None if none was."""
+    measured = [value for value in values if value is not None]
+    return statistics.median(measured) if measured else None
 
 
 class ProcessFailed(Exception):
@@ -190,7 +197,7 @@ class NatsServer:
     which is why the stream workload pre-publishes outside the timed window.
     """
 
-    def __init__(self, workdir: Path, log_path: Path) -> None:
+    def __init__(self, workdir: Path, log_path: Path, *, sync_always: bool = True) -> None:
         self.workdir = workdir
         self.url = ""
         """The client URL, once :meth:`start` returned it."""
@@ -204,9 +211,10 @@ class NatsServer:
         # Port -1 lets the server pick a free port itself (no race with another
         # process between choosing a port and binding it); --ports_file_dir
         # tells us which one it picked.
+        # Without sync_always: nats-server's own default, an fsync every 2 minutes.
+        sync = ", sync_interval: always" if sync_always else ""
         config.write_text(
-            'listen: "127.0.0.1:-1"\n'
-            f'jetstream {{ store_dir: "{workdir / "jetstream"}", sync_interval: always }}\n'
+            f'listen: "127.0.0.1:-1"\njetstream {{ store_dir: "{workdir / "jetstream"}"{sync} }}\n'
         )
         self.process = Process(
             "nats-server",

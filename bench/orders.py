@@ -50,7 +50,6 @@ import random
 import shutil
 import signal
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -63,15 +62,32 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from harness import LOOPS, REPO_DIR, NatsServer, Process, ProcessFailed, check_loop, default_loop
-from run import LOG_DIR, RESULTS_DIR, cpu_seconds, figure, host_env, package_version
+from harness import (
+    LOOPS,
+    REPO_DIR,
+    NatsServer,
+    Process,
+    ProcessFailed,
+    check_loop,
+    default_loop,
+    median_of,
+)
+from run import (
+    LOG_DIR,
+    POLL_INTERVAL,
+    RESULTS_DIR,
+    STALL_TIMEOUT,
+    cpu_seconds,
+    figure,
+    host_env,
+    package_version,
+    per_message,
+    wait_replying,
+)
 
 SKUS = [f"SKU{number:04d}" for number in range(1_000)]
 REQUEST_SUBJECT = "orders.create"
 CONSUMERS = (("ORDERS", "payment"), ("PAYMENTS", "inventory"))
-STARTUP_TIMEOUT = 60.0
-STALL_TIMEOUT = 60.0
-POLL_INTERVAL = 0.1
 REQUEST_TIMEOUT = 30.0
 WARM_UP_CUSTOMER = "warm-up"
 HTTP_LINE = "http: {host: 127.0.0.1, port: 8080}"
@@ -109,25 +125,6 @@ def project_copy(workdir: Path) -> Path:
         REPO_DIR / "functions", project / "functions", ignore=shutil.ignore_patterns("__pycache__")
     )
     return project
-
-
-async def wait_answering(nc: Client, host: Process) -> None:
-    """One warm-up order, asked for until the host answers (it is then ready)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + STARTUP_TIMEOUT
-    # Asked again after a timeout, it may be charged twice: the ledger check leaves it out.
-    warm_up = json.dumps({**order(0, random.Random(0)), "customer_id": WARM_UP_CUSTOMER}).encode()
-    while True:
-        host.check_alive()
-        try:
-            await nc.request(REQUEST_SUBJECT, warm_up, timeout=1.0)
-            return
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-            if loop.time() > deadline:
-                raise ProcessFailed(
-                    f"create-order did not answer within {STARTUP_TIMEOUT}s" + host.tail()
-                ) from None
-            await asyncio.sleep(0.1)
 
 
 async def burst(
@@ -215,7 +212,9 @@ async def one_round(round_no: int, server: NatsServer, workdir: Path, args: Any)
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await js.delete_stream(stream)
         await host.start()
-        await wait_answering(nc, host)
+        # Asked again after a timeout, it may be charged twice: the ledger check leaves it out.
+        warm_up = {**order(0, random.Random(0)), "customer_id": WARM_UP_CUSTOMER}
+        await wait_replying(nc, host, REQUEST_SUBJECT, json.dumps(warm_up).encode())
         for stream, durable in CONSUMERS:
             await all_acked(js, stream, durable, host)  # the warm-up order went through
         rng = random.Random(round_no)
@@ -239,15 +238,12 @@ async def one_round(round_no: int, server: NatsServer, workdir: Path, args: Any)
         last_ack = done[durable].ack_floor.last_active
         return float(args.orders / (last_ack - first_request).total_seconds())
 
-    def per_order(start: float | None, end: float | None) -> float | None:
-        return None if start is None or end is None else (end - start) * 1e6 / args.orders
-
     return Round(
         intake=args.orders / intake_seconds,
         charged=rate_until("payment"),
         reserved=rate_until("inventory"),
-        host_cpu_us=per_order(host_from, host_to),
-        server_cpu_us=per_order(server_from, server_to),
+        host_cpu_us=per_message(host_from, host_to, args.orders),
+        server_cpu_us=per_message(server_from, server_to, args.orders),
         redelivered={durable: info.num_redelivered or 0 for durable, info in done.items()},
     )
 
@@ -256,10 +252,9 @@ async def bench(args: Any) -> tuple[list[Round], str]:
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="fnhost-orders-") as tmp:
         workdir = Path(tmp)
-        server = NatsServer(workdir, LOG_DIR / "orders-nats-server.log")
-        if args.sync == "default":
-            config = workdir / "nats-server.conf"
-            config.write_text(config.read_text().replace(", sync_interval: always", ""))
+        server = NatsServer(
+            workdir, LOG_DIR / "orders-nats-server.log", sync_always=args.sync == "always"
+        )
         await server.start()
         try:
             for round_no in range(1, args.rounds + 1):
@@ -277,11 +272,6 @@ async def bench(args: Any) -> tuple[list[Round], str]:
         finally:
             await server.stop()
     return rounds, server.version
-
-
-def _median(values: list[float | None]) -> float | None:
-    known = [value for value in values if value is not None]
-    return statistics.median(known) if known else None
 
 
 def parse_args() -> argparse.Namespace:
@@ -322,7 +312,7 @@ async def main(args: argparse.Namespace) -> int:
         print(f"\nfailed: {failure}")
         return 1
     medians = {
-        field: _median([getattr(result, field) for result in rounds])
+        field: median_of([getattr(result, field) for result in rounds])
         for field in ("intake", "charged", "reserved", "host_cpu_us", "server_cpu_us")
     }
     meta = {

@@ -293,8 +293,8 @@ async def measure_consume(
             return Consumed(
                 messages / seconds,
                 info.num_redelivered or 0,
-                _per_message(hosts_from, cpu_seconds(hosts), counted),
-                _per_message(servers_from, cpu_seconds(servers), counted),
+                per_message(hosts_from, cpu_seconds(hosts), counted),
+                per_message(servers_from, cpu_seconds(servers), counted),
             )
         if info.ack_floor.stream_seq != floor:
             floor, progressed = info.ack_floor.stream_seq, loop.time()
@@ -306,20 +306,22 @@ async def measure_consume(
         await asyncio.sleep(POLL_INTERVAL)
 
 
-def _per_message(start: float | None, end: float | None, messages: int) -> float | None:
+def per_message(start: float | None, end: float | None, messages: int) -> float | None:
     if start is None or end is None or messages <= 0:
         return None
     return (end - start) * 1e6 / messages
 
 
-async def wait_replying(nc: Client, proc: Process) -> None:
-    """Return once a request to the order subject gets a reply."""
+async def wait_replying(
+    nc: Client, proc: Process, subject: str = REQUEST_SUBJECT, payload: bytes = ORDER_BYTES
+) -> None:
+    """Return once a request to ``subject`` gets a reply."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STARTUP_TIMEOUT
     while True:
         proc.check_alive()
         try:
-            await nc.request(REQUEST_SUBJECT, ORDER_BYTES, timeout=0.5)
+            await nc.request(subject, payload, timeout=0.5)
             return
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             if loop.time() > deadline:

@@ -93,6 +93,7 @@ from harness import (
     check_loop,
     comma_choice,
     default_loop,
+    median_of,
 )
 from run import (
     LOG_DIR,
@@ -290,11 +291,9 @@ async def bench(args: Any) -> tuple[dict[str, list[Consumed]], dict[str, str], s
     skipped: dict[str, str] = {}
     async with contextlib.AsyncExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fnhost-stores-")))
-        server = NatsServer(workdir, LOG_DIR / "stores-nats-server.log")
-        if args.sync == "default":
-            # nats-server's own default: fsync every 2 minutes, not on every write.
-            config = workdir / "nats-server.conf"
-            config.write_text(config.read_text().replace(", sync_interval: always", ""))
+        server = NatsServer(
+            workdir, LOG_DIR / "stores-nats-server.log", sync_always=args.sync == "always"
+        )
         await server.start()
         stack.push_async_callback(server.stop)
         urls: dict[str, str] = {}
@@ -342,7 +341,7 @@ def summary(trials: dict[str, list[Consumed]]) -> dict[str, dict[str, Any]]:
         for store, values in trials.items()
     }
     cpu_medians = {
-        store: _median([consumed.cpu_us_per_message for consumed in values])
+        store: median_of([consumed.cpu_us_per_message for consumed in values])
         for store, values in trials.items()
     }
     base, cpu_base = medians.get("none"), cpu_medians.get("none")
@@ -364,16 +363,11 @@ def summary(trials: dict[str, list[Consumed]]) -> dict[str, dict[str, Any]]:
                 cpu - cpu_base if cpu is not None and cpu_base is not None else None
             ),
             "server_cpu_rounds": [consumed.server_cpu_us_per_message for consumed in values],
-            "server_cpu_us_per_message": _median(
+            "server_cpu_us_per_message": median_of(
                 [consumed.server_cpu_us_per_message for consumed in values]
             ),
         }
     return rows
-
-
-def _median(values: list[float | None]) -> float | None:
-    measured = [value for value in values if value is not None]
-    return statistics.median(measured) if measured else None
 
 
 def print_report(
