@@ -71,10 +71,12 @@ class Ledger:
                 charges = [charge for charge, _ in group]
                 try:
                     inserted = await loop.run_in_executor(None, self._commit, charges)
-                except sqlite3.Error as exc:
+                except Exception as exc:  # the disk, the file, the thread pool at shutdown
                     for _, committed in group:
                         if not committed.done():  # not given up on (a handler timeout)
-                            committed.set_exception(LedgerError(f"ledger {self.path}: {exc}"))
+                            committed.set_exception(
+                                LedgerError(f"ledger {self.path}: {type(exc).__name__}: {exc}")
+                            )
                     continue
                 for (_, committed), was_inserted in zip(group, inserted, strict=True):
                     if not committed.done():
