@@ -15,12 +15,15 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+LOG_DIR = RESULTS_DIR / "logs"
 
 REQUEST_SUBJECT = "bench.orders.create"
 REQUEST_QUEUE = "bench-order"
@@ -79,6 +82,23 @@ def run(main: Coroutine[Any, Any, T], loop: str) -> T:
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def write_results(name: str, payload: dict[str, Any]) -> None:
+    """Write a run's figures to ``bench/results/<name>`` and say where they and the logs are."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / name
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(REPO_DIR)}; process logs in {LOG_DIR.relative_to(REPO_DIR)}/")
+
+
+def exit_with(entry: Callable[[], int]) -> NoReturn:
+    """Run a script's entry point and exit with its code; Ctrl-C ends it with a line, not a
+    traceback (each script stops its processes on the way out)."""
+    try:
+        sys.exit(entry())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit("\ninterrupted; every process stopped")
 
 
 def median_of(values: Sequence[float | None]) -> float | None:

@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import json
 import os
 import platform
 import signal
@@ -52,6 +51,7 @@ import nats
 
 from harness import (
     BENCH_DIR,
+    LOG_DIR,
     LOOPS,
     REPO_DIR,
     NatsServer,
@@ -59,10 +59,10 @@ from harness import (
     check_loop,
     comma_choice,
     default_loop,
+    exit_with,
+    write_results,
 )
 from run import (
-    LOG_DIR,
-    RESULTS_DIR,
     host_env,
     measure_consume,
     measure_requests,
@@ -321,9 +321,7 @@ async def main(args: argparse.Namespace) -> int:
         "target": TARGET,
     }
     met = report(meta, found)
-    out = RESULTS_DIR / "middleware.json"
-    out.write_text(json.dumps({"meta": meta, **found, "target_met": met}, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(REPO_DIR)}; process logs in {LOG_DIR.relative_to(REPO_DIR)}/")
+    write_results("middleware.json", {"meta": meta, **found, "target_met": met})
     return 0
 
 
@@ -339,7 +337,4 @@ if __name__ == "__main__":
     for path in (REPO_DIR / "sdk", REPO_DIR / "host"):
         if str(path) not in sys.path:
             sys.path.insert(1, str(path))
-    try:
-        sys.exit(_entry()())
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit("\ninterrupted; every process stopped")
+    exit_with(_entry())

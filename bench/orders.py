@@ -63,6 +63,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from harness import (
+    LOG_DIR,
     LOOPS,
     REPO_DIR,
     NatsServer,
@@ -70,12 +71,12 @@ from harness import (
     ProcessFailed,
     check_loop,
     default_loop,
+    exit_with,
     median_of,
+    write_results,
 )
 from run import (
-    LOG_DIR,
     POLL_INTERVAL,
-    RESULTS_DIR,
     STALL_TIMEOUT,
     cpu_seconds,
     figure,
@@ -344,17 +345,11 @@ async def main(args: argparse.Namespace) -> int:
         f"{figure(medians['server_cpu_us'], '.0f'):>12}"
     )
     print("orders/s; every answered order charged once with its total, DLQ empty, every round")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     suffix = f"-workers{args.workers}" if args.workers else ""
-    out = RESULTS_DIR / f"orders-sync-{args.sync}{suffix}.json"
     payload = {"meta": meta, "medians": medians, "rounds": [r._asdict() for r in rounds]}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(REPO_DIR)}; process logs in {LOG_DIR.relative_to(REPO_DIR)}/")
+    write_results(f"orders-sync-{args.sync}{suffix}.json", payload)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit("\ninterrupted; every process stopped")
+    exit_with(lambda: asyncio.run(main(parse_args())))

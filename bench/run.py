@@ -48,6 +48,7 @@ from harness import (
     BENCH_DIR,
     DURABLE,
     EVENT_SUBJECT,
+    LOG_DIR,
     LOOPS,
     ORDER,
     ORDER_BYTES,
@@ -61,6 +62,8 @@ from harness import (
     check_loop,
     comma_choice,
     default_loop,
+    exit_with,
+    write_results,
 )
 
 IMPLEMENTATIONS = ("raw", "faststream", "host", "host-workers")
@@ -71,8 +74,6 @@ WORKLOADS = {
     "stream_consume": "B  stream consume: messages acked/s",
 }
 INFLIGHT = 64
-RESULTS_DIR = BENCH_DIR / "results"
-LOG_DIR = RESULTS_DIR / "logs"
 STARTUP_TIMEOUT = 30.0
 # Workload B fails when the ack floor has not moved for this long.
 STALL_TIMEOUT = 30.0
@@ -499,14 +500,9 @@ async def main(args: argparse.Namespace) -> int:
     }
     summaries = {workload: results.summary(workload) for workload in WORKLOADS}
     print_report(meta, summaries)
-    out = RESULTS_DIR / "latest.json"
-    out.write_text(json.dumps({"meta": meta, "workloads": summaries}, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(REPO_DIR)}; process logs in {LOG_DIR.relative_to(REPO_DIR)}/")
+    write_results("latest.json", {"meta": meta, "workloads": summaries})
     return 1 if results.failed else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit("\ninterrupted; every process stopped")
+    exit_with(lambda: asyncio.run(main(parse_args())))

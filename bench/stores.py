@@ -64,7 +64,6 @@ import asyncio
 import contextlib
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -85,6 +84,7 @@ import nats.js.errors
 from fnhost_sdk.replies import replies_for
 from harness import (
     BENCH_DIR,
+    LOG_DIR,
     LOOPS,
     REPO_DIR,
     NatsServer,
@@ -93,11 +93,11 @@ from harness import (
     check_loop,
     comma_choice,
     default_loop,
+    exit_with,
     median_of,
+    write_results,
 )
 from run import (
-    LOG_DIR,
-    RESULTS_DIR,
     Consumed,
     figure,
     host_env,
@@ -497,15 +497,10 @@ async def main(args: argparse.Namespace) -> int:
     }
     rows = summary(trials)
     print_report(meta, rows, skipped)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"stores-sync-{args.sync}{'-output' if args.output else ''}.json"
-    out.write_text(json.dumps({"meta": meta, "stores": rows, "n/a": skipped}, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(REPO_DIR)}; process logs in {LOG_DIR.relative_to(REPO_DIR)}/")
+    name = f"stores-sync-{args.sync}{'-output' if args.output else ''}.json"
+    write_results(name, {"meta": meta, "stores": rows, "n/a": skipped})
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit("\ninterrupted; every process stopped")
+    exit_with(lambda: asyncio.run(main(parse_args())))
