@@ -92,6 +92,14 @@ def write_results(name: str, payload: dict[str, Any]) -> None:
     print(f"\nwrote {out.relative_to(REPO_DIR)}; process logs in {LOG_DIR.relative_to(REPO_DIR)}/")
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop the run like Ctrl-C: it cancels the running task, whose exit stack
+    stops every child process."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 def exit_with(entry: Callable[[], int]) -> NoReturn:
     """Run a script's entry point and exit with its code; Ctrl-C ends it with a line, not a
     traceback (each script stops its processes on the way out)."""

@@ -38,7 +38,6 @@ import contextlib
 import datetime
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from harness import (
     comma_choice,
     default_loop,
     exit_with,
+    stop_on_sigterm,
     write_results,
 )
 from run import (
@@ -303,9 +303,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    stop_on_sigterm()
     found = await bench(args)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -48,7 +48,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sqlite3
 import sys
 import tempfile
@@ -73,6 +72,7 @@ from harness import (
     default_loop,
     exit_with,
     median_of,
+    stop_on_sigterm,
     write_results,
 )
 from run import (
@@ -304,9 +304,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    stop_on_sigterm()
     try:
         rounds, server_version = await bench(args)
     except ProcessFailed as failure:

@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from harness import (
     comma_choice,
     default_loop,
     exit_with,
+    stop_on_sigterm,
     write_results,
 )
 
@@ -478,10 +478,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    # SIGTERM stops the run like Ctrl-C does: the exit stack stops every child.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    stop_on_sigterm()
 
     results = Results(args.impls)
     server_version = await bench(args, results)

@@ -67,7 +67,6 @@ import importlib.util
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -95,6 +94,7 @@ from harness import (
     default_loop,
     exit_with,
     median_of,
+    stop_on_sigterm,
     write_results,
 )
 from run import (
@@ -461,9 +461,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    stop_on_sigterm()
     ping_pong = loopback_ping_pong()
     print(
         f"loopback ping-pong: {ping_pong.wall_us:.1f} µs per round trip, "
