@@ -10,7 +10,7 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from fnhost_sdk.replies import publish_to_stream, replies_for
+from fnhost_sdk.replies import PipelinedJetStream, publish_to_stream, replies_for
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.session import Session
 
@@ -75,3 +75,39 @@ async def test_sessions_on_one_connection_share_one_reply_subscription(
         await Session(nc).publish_durable("events.a", b"x", None)
     assert replies_for(nc) is replies_for(nc)
     assert len(nc._subs) == before + 1
+
+
+async def test_the_pipelined_context_publishes_like_js_publish(nc: NatsClient) -> None:
+    js = PipelinedJetStream(nc)
+    await js.add_stream(name="EVENTS", subjects=["events.>"], allow_msg_ttl=True)
+    ack = await js.publish("events.a", b"1", stream="EVENTS", msg_ttl=60)
+    assert (ack.stream, ack.seq) == ("EVENTS", 1)
+    stored = await js.get_msg("EVENTS", 1)
+    assert stored.headers is not None and stored.headers.get("Nats-TTL") == "60"
+    with pytest.raises(nats.js.errors.BadRequestError) as wrong_stream:
+        await js.publish("events.b", b"2", stream="ORDERS")
+    assert wrong_stream.value.err_code == 10060
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await js.publish("nobody.listens", b"x")
+
+
+async def test_a_sessions_key_value_bucket_creates_updates_and_refuses_like_nats_py(
+    nc: NatsClient,
+) -> None:
+    session = Session(nc)
+    assert isinstance(session.js, PipelinedJetStream)
+    await session.js.create_key_value(bucket="inventory", history=5)
+    kv = await session.kv("inventory")
+    first = await kv.create("reservations.o1.A1", b"2")
+    # What the example's inventory relies on: a second create of a key is refused.
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.create("reservations.o1.A1", b"2")
+    second = await kv.update("reservations.o1.A1", b"3", last=first)
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.update("reservations.o1.A1", b"4", last=first)
+    assert (await kv.get("reservations.o1.A1")).revision == second
+    await kv.delete("reservations.o1.A1")
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get("reservations.o1.A1")
+    acks = await asyncio.gather(*(kv.put(f"many.{n}", b"x") for n in range(200)))
+    assert len(set(acks)) == 200

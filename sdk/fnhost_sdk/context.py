@@ -180,7 +180,9 @@ class Context:
         return await self._session.request(subject, data, timeout=timeout, returns=returns)
 
     async def kv(self, bucket: str) -> KeyValue:
-        """A JetStream key-value bucket (declare it under ``kv:`` in fn.yaml)."""
+        """A JetStream key-value bucket (declare it under ``kv:`` in fn.yaml).
+
+        nats-py's ``KeyValue``; its writes are pipelined (:attr:`js`)."""
         return await self._session.kv(bucket)
 
     async def object_store(self, name: str) -> ObjectStore:
@@ -203,5 +205,7 @@ class Context:
 
     @property
     def js(self) -> JetStreamContext:
-        """The host's JetStream context (escape hatch)."""
+        """The host's JetStream context (escape hatch): a
+        :class:`fnhost_sdk.replies.PipelinedJetStream`, whose ``publish`` answers and
+        fails like nats-py's at a third less CPU per write."""
         return self._session.js

@@ -24,7 +24,7 @@ from nats.js.object_store import ObjectStore
 from fnhost_sdk import headers as h
 from fnhost_sdk.codec import decoder_for, encode
 from fnhost_sdk.errors import FnhostError, ServiceError
-from fnhost_sdk.replies import NotPubAckError, publish_to_stream
+from fnhost_sdk.replies import NotPubAckError, PipelinedJetStream, publish_to_stream
 
 T = TypeVar("T")
 
@@ -70,7 +70,7 @@ class Session:
         publish_deadline: float = PUBLISH_DEADLINE,
     ) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream()
+        self.js: JetStreamContext = PipelinedJetStream(nc)
         self._stream_for_subject = stream_for_subject
         self._outgoing = tuple(outgoing)
         self._publish_deadline = publish_deadline
