@@ -60,7 +60,6 @@ async def creates(
 
 async def main(args: argparse.Namespace) -> int:
     found: dict[str, list[tuple[float, float]]] = {name: [] for name in CONTEXTS}
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fnhost-kv-writes-") as workdir:
         server = NatsServer(Path(workdir), LOG_DIR / "kv-writes-nats-server.log", sync_always=False)
         await server.start()

@@ -77,10 +77,10 @@ class Ledger:
                             committed.set_exception(
                                 LedgerError(f"ledger {self.path}: {type(exc).__name__}: {exc}")
                             )
-                    continue
-                for (_, committed), was_inserted in zip(group, inserted, strict=True):
-                    if not committed.done():
-                        committed.set_result(was_inserted)
+                else:
+                    for (_, committed), was_inserted in zip(group, inserted, strict=True):
+                        if not committed.done():
+                            committed.set_result(was_inserted)
         finally:
             self._committing = None
 
