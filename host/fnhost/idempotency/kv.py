@@ -57,6 +57,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -71,6 +72,7 @@ from fnhost_sdk.replies import Replies, replies_for
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -93,28 +95,34 @@ class WrongLast(Exception):
     """The entry's revision is not the one the write expected."""
 
 
+_CREATE = {_EXPECTED_LAST: "0"}
+_NO_STREAM = "no JetStream stream answers (the bucket is gone?)"
+
+
 async def _put(replies: Replies, subject: str, value: bytes, last: int | None) -> int:
     """Store ``value``; with ``last``, only if the subject's last revision is ``last``."""
     headers = None if last is None else {_EXPECTED_LAST: str(last)}
     try:
-        msg = await replies.request(subject, value, headers, TIMEOUT)
+        return _revision(await replies.request(subject, value, headers, TIMEOUT))
     except nats.errors.NoRespondersError:
-        raise StoreUnavailable("no JetStream stream answers (the bucket is gone?)") from None
-    data = msg.data
+        raise StoreUnavailable(_NO_STREAM) from None
+
+
+def _revision(answer: Msg) -> int:
+    """The revision a write was stored at, from the server's answer (raises
+    :class:`WrongLast` for a refused compare-and-set, else :class:`StoreUnavailable`)."""
+    data = answer.data
     # A PubAck is {"stream":"KV_b","seq":N[,...]}: read N without a JSON parse.
-    at = data.find(b'"seq":')
-    if at >= 0 and b'"error"' not in data:
-        end = at + 6
-        while end < len(data) and data[end] in _DIGITS:
-            end += 1
-        return int(data[at + 6 : end])
+    stored = _PUBACK_SEQ.search(data)
+    if stored is not None and b'"error"' not in data:
+        return int(stored[1])
     error = json.loads(data).get("error") if data else None
     if error is not None and error.get("err_code") in _WRONG_LAST:
         raise WrongLast()
     raise StoreUnavailable(f"JetStream: {error or data!r}")
 
 
-_DIGITS = frozenset(b"0123456789")
+_PUBACK_SEQ = re.compile(rb'"seq":(\d+)')
 
 
 class _Group:
@@ -279,8 +287,10 @@ class KVStore:
         try:
             expires = time.time() + lease_ttl
             try:
-                revision = await _put(writes, subject, _lease(expires, group), 0)
-                return new(self._hold(group, revision, expires))
+                # A key's first delivery: one create, asked directly (not through _put, a
+                # coroutine more on every message).
+                answer = await writes.request(subject, _lease(expires, group), _CREATE, TIMEOUT)
+                return new(self._hold(group, _revision(answer), expires))
             except WrongLast:
                 pass
             kv = self._bucket()
@@ -311,6 +321,8 @@ class KVStore:
                 except WrongLast:
                     continue
             raise StoreUnavailable(f"key {key} changed {_RACE_ROUNDS} times while we read it")
+        except nats.errors.NoRespondersError:
+            raise StoreUnavailable(_NO_STREAM) from None
         except nats.errors.Error as exc:
             raise StoreUnavailable(_why(exc)) from exc
 

@@ -295,11 +295,11 @@ def build_middleware(
         why = f"idempotency store {store.name} unavailable: {exc}"
         return Nak(retry.delay_for(call.attempt), why) if stream else Failed(why)
 
-    async def take(call: Invocation, key: str) -> Begin:
-        """The key's lease (``new``) or ``done``: another holder's live lease is waited on."""
-        begin = await store.begin(key, lease)
-        if begin.state != "leased":
-            return begin
+    # The middleware calls the store itself and these helpers only off the common path:
+    # a coroutine between them would cost the host CPU on every message.
+
+    async def wait_for_lease(call: Invocation, key: str, begin: Begin) -> Begin:
+        """Wait out another holder's live lease; then the key's lease (``new``) or ``done``."""
         log.info("idempotency key %s is leased by another delivery; waiting for it", key)
         loop = asyncio.get_running_loop()
         pinged = loop.time()
@@ -313,33 +313,34 @@ def build_middleware(
             begin = await store.begin(key, lease)
         return begin
 
-    async def record(key: str, token: Token) -> None:
+    async def record_again(key: str, token: Token, failure: StoreUnavailable) -> None:
+        """The first try to record ``key`` failed with ``failure``: try again for up to
+        :data:`RECORD_PATIENCE` seconds (past that, raise the last failure)."""
+        guard.failed(failure)
+        log.warning(
+            "idempotency key %s: the handler succeeded, its record was not stored (%s); "
+            "trying again for up to %gs",
+            key,
+            failure,
+            RECORD_PATIENCE,
+        )
         loop = asyncio.get_running_loop()
         give_up = loop.time() + RECORD_PATIENCE
         pause = RECORD_RETRY_FIRST
         tries = 1
-        while True:
+        while loop.time() + pause < give_up:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RECORD_RETRY_MAX)
+            tries += 1
             try:
                 await store.record(key, token, ttl)
             except StoreUnavailable as exc:
-                if loop.time() + pause >= give_up:
-                    raise
                 guard.failed(exc)
-                if tries == 1:  # one line a delivery, not one a try
-                    log.warning(
-                        "idempotency key %s: the handler succeeded, its record was not "
-                        "stored (%s); trying again for up to %gs",
-                        key,
-                        exc,
-                        RECORD_PATIENCE,
-                    )
+                failure = exc
             else:
-                if tries > 1:
-                    log.info("idempotency key %s recorded at try %d", key, tries)
+                log.info("idempotency key %s recorded at try %d", key, tries)
                 return
-            tries += 1
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, RECORD_RETRY_MAX)
+        raise failure
 
     async def idempotency(call: Invocation, call_next: CallNext) -> Outcome:
         try:
@@ -353,7 +354,9 @@ def build_middleware(
         try:
             if not guard.started:
                 await guard.start()
-            begin = await take(call, key)
+            begin = await store.begin(key, lease)
+            if begin.state == "leased":
+                begin = await wait_for_lease(call, key, begin)
         except StoreUnavailable as exc:
             return unavailable(call, exc)
         if guard.down:
@@ -369,7 +372,9 @@ def build_middleware(
             # duplicate, not a failure (dead-lettered on the last attempt, a replay
             # would run the effect again).
             try:
-                again = await take(call, key)
+                again = await store.begin(key, lease)
+                if again.state == "leased":
+                    again = await wait_for_lease(call, key, again)
             except StoreUnavailable as exc:
                 return unavailable(call, exc)
             if again.state == "done":
@@ -379,7 +384,10 @@ def build_middleware(
             if isinstance(outcome, Ack):
                 if not handle.recorded:
                     # Never ack before the record is stored.
-                    await record(key, token)
+                    try:
+                        await store.record(key, token, ttl)
+                    except StoreUnavailable as failure:
+                        await record_again(key, token, failure)
             elif not _timed_out(outcome):
                 # (A timed-out plain def's thread runs on: its lease expires by itself,
                 # so no other delivery of the key runs beside it until then.)
