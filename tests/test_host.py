@@ -10,6 +10,8 @@ what was acked: nothing whose handler did not finish may be.
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from nats.js import JetStreamContext
 
 from chaos.harness import HostProcess
 from conftest import HostFactory
+from fnhost.cli import YOUNG_GC_THRESHOLD
 from fnhost.host import Host
 from fnhost_sdk import headers as h
 from fnhost_sdk.server import NatsServer, free_port
@@ -544,3 +547,35 @@ async def test_broken_modules_raising_handlers_and_bad_payloads_leave_the_rest_r
 async def _consumer_done(js: JetStreamContext, stream: str, durable: str) -> bool:
     info = await js.consumer_info(stream, durable)
     return info.num_pending == 0 and info.num_ack_pending == 0 and info.delivered.stream_seq == 2
+
+
+GC_MANIFEST = """\
+version: 1
+http: false
+functions:
+  thresholds:
+    module: thresholds.py
+    trigger: {request: gc.thresholds}
+"""
+
+
+async def test_a_host_process_collects_young_objects_every_10000_allocations(
+    tmp_path: Path, nats_server: NatsServer, nc: NatsClient
+) -> None:
+    """At Python's default (700) the objects of invocations waiting on a server round
+    trip are scanned at every few messages (docs/cli.md)."""
+    (tmp_path / "fn.yaml").write_text(GC_MANIFEST)
+    (tmp_path / "thresholds.py").write_text(
+        "import gc\n\n\n"
+        "async def handle(_: str) -> list[int]:\n"
+        "    return list(gc.get_threshold())\n"
+    )
+    host = HostProcess(tmp_path / "fn.yaml", nats_server.url)
+    try:
+        host.start()
+        answer = await nc.request("gc.thresholds", b'""', timeout=10)
+    finally:
+        host.close()
+    young, *older = json.loads(answer.data)
+    assert young == YOUNG_GC_THRESHOLD == 10_000
+    assert older == list(gc.get_threshold()[1:])  # the older generations keep Python's
