@@ -7,18 +7,16 @@ calls functions does not pull in the host's HTTP, metrics or reload stack.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.js.api import PubAck
 
-from fnhost_sdk.session import Session
-
-T = TypeVar("T")
+from fnhost_sdk.session import Requests, Session
 
 
-class Client:
+class Client(Requests):
     """Request/reply and publishing with fnhost's wire conventions.
 
     ::
@@ -40,27 +38,6 @@ class Client:
         """Connect to NATS; ``options`` go to :func:`nats.connect` (auth, TLS, ...)."""
         options.setdefault("max_reconnect_attempts", -1)
         return cls(await nats.connect(servers, **options))
-
-    @overload
-    async def request(
-        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: None = ...
-    ) -> bytes: ...
-
-    @overload
-    async def request(
-        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: type[T]
-    ) -> T: ...
-
-    async def request(
-        self,
-        subject: str,
-        data: Any = b"",
-        *,
-        timeout: float = 5.0,
-        returns: type[Any] | None = None,
-    ) -> Any:
-        """Call a request/reply function; the reply decoded into ``returns`` if given."""
-        return await self._session.request(subject, data, timeout=timeout, returns=returns)
 
     async def publish(
         self,

@@ -7,7 +7,7 @@ A handler declares it by naming a second parameter (or any parameter annotated
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar, overload
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -18,12 +18,10 @@ from nats.js.object_store import ObjectStore
 
 from fnhost_sdk import headers as h
 from fnhost_sdk.idempotency import Idempotency
-from fnhost_sdk.session import Session
-
-T = TypeVar("T")
+from fnhost_sdk.session import Requests, Session
 
 
-class Context:
+class Context(Requests):
     """The message being handled and the means to act on the world.
 
     Attributes:
@@ -157,27 +155,6 @@ class Context:
         if key is None:
             return None
         return f"{self.function}:{key}/{index}"
-
-    @overload
-    async def request(
-        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: None = ...
-    ) -> bytes: ...
-
-    @overload
-    async def request(
-        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: type[T]
-    ) -> T: ...
-
-    async def request(
-        self,
-        subject: str,
-        data: Any = b"",
-        *,
-        timeout: float = 5.0,
-        returns: type[Any] | None = None,
-    ) -> Any:
-        """Call a request/reply function; raises ``ServiceError`` on an error reply."""
-        return await self._session.request(subject, data, timeout=timeout, returns=returns)
 
     async def kv(self, bucket: str) -> KeyValue:
         """A JetStream key-value bucket (declare it under ``kv:`` in fn.yaml).

@@ -242,3 +242,34 @@ def _over_a_stream_limit(exc: Exception) -> TypeGuard[nats.js.errors.APIError]:
         and exc.err_code == STREAM_REFUSED
         and "exceeded" in (exc.description or "")
     )
+
+
+class Requests:
+    """``request()`` for the objects built on a :class:`Session`: :class:`~fnhost_sdk.Client`
+    and the handler's :class:`~fnhost_sdk.Context`."""
+
+    __slots__ = ()
+    _session: Session
+
+    @overload
+    async def request(
+        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: None = ...
+    ) -> bytes: ...
+
+    @overload
+    async def request(
+        self, subject: str, data: Any = ..., *, timeout: float = ..., returns: type[T]
+    ) -> T: ...
+
+    async def request(
+        self,
+        subject: str,
+        data: Any = b"",
+        *,
+        timeout: float = 5.0,
+        returns: type[Any] | None = None,
+    ) -> Any:
+        """Call a request/reply function: the reply's body, decoded into ``returns`` if
+        given. An error reply raises :class:`~fnhost_sdk.ServiceError`; no reply within
+        ``timeout`` seconds, ``nats.errors.TimeoutError``."""
+        return await self._session.request(subject, data, timeout=timeout, returns=returns)
