@@ -203,7 +203,14 @@ async def test_functions_json(host_factory: HostFactory, nc: NatsClient) -> None
     js = nc.jetstream()
     await js.publish("in.ok", b"{}")
     await js.publish("in.bad", b'{"reject": true}')
-    await wait_for(lambda: host.metrics.counts("consume")["dead_letter"] == 1)
+    # The outcome is counted when the chain returns, the copy once stored after that.
+    await wait_for(
+        lambda: (
+            host.metrics.counts("consume")["ack"] == 1
+            and host.metrics.counts("consume")["dead_letter"] == 1
+            and host.metrics.stats("consume").dead_lettered == 1
+        )
+    )
 
     listed = await get(host, "/functions")
     assert listed.status == 200
