@@ -11,6 +11,7 @@ function load (see :mod:`fnhost.invocation`), never per message.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -24,6 +25,7 @@ __all__ = [
     "ACK",
     "DUPLICATE",
     "Ack",
+    "AckAfter",
     "CallNext",
     "DeadLetter",
     "Failed",
@@ -51,7 +53,7 @@ class Invocation(Context):
     allocated for every message.
     """
 
-    __slots__ = ("data", "kind", "propagate", "trace_id")
+    __slots__ = ("ack_after", "data", "kind", "propagate", "trace_id")
 
     def __init__(
         self,
@@ -88,6 +90,9 @@ class Invocation(Context):
         self.trace_id: str | None = None
         self.propagate: dict[str, str] | None = None
         """Headers carried onto everything this invocation publishes (trace context)."""
+        self.ack_after: AckAfter | None = None
+        """A store write the message's ack must wait for, set by a middleware (the
+        idempotency record, :data:`AckAfter`)."""
 
     @property
     def msg(self) -> Msg:
@@ -165,6 +170,15 @@ class Failed:
 
 
 Outcome: TypeAlias = Ack | Nak | Term | Reply | DeadLetter | Failed
+
+AckAfter: TypeAlias = tuple[
+    "asyncio.Future[None]", Callable[["Invocation", BaseException], Awaitable[Outcome]]
+]
+"""``(stored, recover)`` on :attr:`Invocation.ack_after`: the stream trigger acts on an
+:class:`Ack` outcome only once ``stored`` is done, without the invocation waiting for
+it and holding the message's slot meanwhile (a drain waits for it). If ``stored``
+fails, it acts on ``await recover(call, failure)`` instead (the write retried: the ack,
+or a nak). Any other outcome is acted on at once. A tuple: one is made per message."""
 ACK = Ack()
 DUPLICATE = Ack(duplicate=True)
 

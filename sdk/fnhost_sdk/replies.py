@@ -7,6 +7,8 @@ whose reply subject is ``<inbox>.<token>`` under one wildcard subscription; the
 answer resolves the request's future, and one sweeper task (alive only while
 requests are waiting) fails those left unanswered past their deadline. The caller
 still awaits its own answer: nothing is reported stored before the server says so.
+:meth:`Replies.request_nowait` queues a request without a coroutine
+(:func:`~fnhost_sdk.nowait.publish_nowait`; the kv idempotency store's lease).
 
 Used by :meth:`fnhost_sdk.session.Session.publish_durable` (``ctx.publish`` to a
 stream, outputs, dead letters), by :class:`PipelinedJetStream` (``ctx.js``, the
@@ -29,6 +31,8 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import Header, PubAck
 
+from fnhost_sdk.nowait import EncodedHeaders, publish_nowait
+
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
@@ -50,6 +54,7 @@ class Replies:
         self._sub: Subscription | None = None
         self._subscribing = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop
 
     async def request(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
@@ -63,23 +68,44 @@ class Replies:
         if self._sub is None:
             await self._subscribe()
         token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = (waiter, loop.time() + timeout)
-        if self._sweeper is None:
-            self._sweeper = loop.create_task(self._sweep())
+        waiter = self._expect(token, timeout)
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
             msg = await waiter
         finally:
             self._pending.pop(token, None)
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+        if no_responders(msg):
             raise nats.errors.NoRespondersError
         return msg
+
+    def request_nowait(
+        self, subject: str, payload: bytes, headers: EncodedHeaders | None, timeout: float
+    ) -> asyncio.Future[Msg] | None:
+        """:meth:`request` without a coroutine, for a publish :func:`publish_nowait` can
+        queue (its subject one the caller built): the answer's future, or ``None`` when
+        nothing was sent (call :meth:`request`). The answer is not checked: see
+        :func:`no_responders`. The future fails with ``nats.errors.TimeoutError`` as
+        :meth:`request` does."""
+        if self._sub is None:
+            return None
+        token = str(next(self._tokens))
+        if not publish_nowait(self._nc, subject, payload, self._prefix + token, headers):
+            return None
+        return self._expect(token, timeout)
+
+    def _expect(self, token: str, timeout: float) -> asyncio.Future[Msg]:
+        """The future of the answer to ``token``'s request (failed past ``timeout``)."""
+        loop = self._loop
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = (waiter, loop.time() + timeout)
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+        return waiter
 
     async def _subscribe(self) -> None:
         async with self._subscribing:
             if self._sub is None:
+                self._loop = asyncio.get_running_loop()  # the connection's
                 self._sub = await self._nc.subscribe(
                     self._prefix + "*", future=_EveryAnswer(self._answer)
                 )
@@ -125,6 +151,13 @@ class _EveryAnswer(asyncio.Future["Msg"]):
 
     def set_result(self, result: Msg, /) -> None:
         self._answer(result)
+
+
+def no_responders(answer: Msg) -> bool:
+    """The answer is the server's "no responders" status (for JetStream: no stream
+    captures the subject)."""
+    headers = answer.headers
+    return not answer.data and headers is not None and headers.get("Status") == "503"
 
 
 _replies: WeakKeyDictionary[NatsClient, Replies] = WeakKeyDictionary()

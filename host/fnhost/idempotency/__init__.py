@@ -15,6 +15,11 @@ a lease, when to record, what to do when the store is down):
 - :meth:`Store.release`: the handler failed; drop our lease (only if it is
   still ours) so the redelivery can take it at once.
 
+A store may also offer ``record_soon(key, token, ttl)`` (:class:`RecordsSoon`;
+the kv store does): :meth:`Store.record` started, as a future done once the
+record is stored. The middleware then hands the stream trigger that future
+to ack on, and the invocation does not wait for it.
+
 Every store raises :class:`StoreUnavailable` when it cannot be reached, and
 nothing else for a network fault. Stores are shared by all the functions of
 one host that name the same store (and bucket or URL); concurrent
@@ -30,6 +35,7 @@ in its place (:mod:`.keys`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
@@ -47,6 +53,7 @@ __all__ = [
     "DONE",
     "Begin",
     "KeyEncoder",
+    "RecordsSoon",
     "State",
     "Store",
     "StoreUnavailable",
@@ -137,6 +144,16 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release connections and background tasks."""
+        ...
+
+
+class RecordsSoon(Protocol):
+    """A store that can start a record without a coroutine waiting for it."""
+
+    def record_soon(self, key: str, token: Token, ttl: float) -> asyncio.Future[None]:
+        """What :meth:`Store.record` does; the future is done once the record is
+        stored, or fails with :class:`StoreUnavailable` (call :meth:`Store.record`
+        again with the same token, as after a failed record)."""
         ...
 
 

@@ -23,7 +23,9 @@ Lease changes are compare-and-set on the entry's revision
   is overwritten with our lease at the revision we read (if someone else got
   there first, read again).
 - record: add the key to its lease's group and wait until a write of the
-  group holding it is stored; only then is the message acked. If our lease
+  group holding it is stored; only then is the message acked
+  (:meth:`KVStore.record_soon` gives that wait as a future, so the trigger
+  acks without the invocation waiting). If our lease
   ran out before that, another delivery may have taken the key over and
   pointed it at its own group, so the record is also written into the key's
   own entry (``D``), whatever the entry holds: the effect happened, so
@@ -44,9 +46,10 @@ A bucket declared under ``kv:`` in fn.yaml is used as it is.
 Writes are pipelined across concurrent invocations
 (:class:`fnhost_sdk.replies.Replies`, shared with the connection's stream
 publishes): a plain publish whose PubAck resolves a future, no timer or inbox
-per write, so many writes are in flight at once; the server's answer still
-comes back before the invocation goes on (never an ack before the record is
-stored).
+per write, so many writes are in flight at once; a lease's create is encoded
+once and queued without a coroutine (:mod:`fnhost_sdk.nowait`). The server's
+answer still comes back before anything goes on (never an ack before the
+record is stored).
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, TypeAlias
 
 import nats.errors
 import nats.js.errors
@@ -68,7 +71,8 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from fnhost.idempotency import DONE, Begin, KeyEncoder, StoreUnavailable, Token, leased, new
 from fnhost.idempotency.keys import MAX_KEY_BYTES, digest
-from fnhost_sdk.replies import Replies, replies_for
+from fnhost_sdk.nowait import EncodedHeaders
+from fnhost_sdk.replies import Replies, no_responders, replies_for
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -95,7 +99,7 @@ class WrongLast(Exception):
     """The entry's revision is not the one the write expected."""
 
 
-_CREATE = {_EXPECTED_LAST: "0"}
+_CREATE = EncodedHeaders({_EXPECTED_LAST: "0"})
 _NO_STREAM = "no JetStream stream answers (the bucket is gone?)"
 
 
@@ -116,6 +120,8 @@ def _revision(answer: Msg) -> int:
     stored = _PUBACK_SEQ.search(data)
     if stored is not None and b'"error"' not in data:
         return int(stored[1])
+    if not data and no_responders(answer):
+        raise StoreUnavailable(_NO_STREAM)
     error = json.loads(data).get("error") if data else None
     if error is not None and error.get("err_code") in _WRONG_LAST:
         raise WrongLast()
@@ -142,8 +148,14 @@ class _Group:
         self.lease_suffix = b" " + key.encode()
         self.taken = 0  # leases ever pointed at this group
         self.lines: list[bytes] = []
-        self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.waiters: list[_Waiter] = []
         self.writer: asyncio.Task[None] | None = None
+
+
+_Waiter: TypeAlias = tuple[int, "asyncio.Future[None]", str, float, float]
+"""A record waiting for a write of its group: (the count of the group's lines that hold
+it, the future done once it is stored, its key, its lease's expiry, its own expiry).
+A tuple: one is made per message."""
 
 
 class _Lease:
@@ -188,6 +200,8 @@ class KVStore:
         self._numbers = itertools.count(1)
         self._leases: dict[Token, _Lease] = {}
         self._tokens = itertools.count(1)
+        self._writing: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop
 
     def encoder(self, function: str) -> KeyEncoder:
         prefix = f"{function}."
@@ -252,6 +266,7 @@ class KVStore:
                     # Another host created it meanwhile.
                     self._kv = await js.key_value(self.bucket)
             self._writes = replies_for(self._nc())
+            self._loop = asyncio.get_running_loop()
         except nats.errors.Error as exc:
             raise StoreUnavailable(f"KV bucket {self.bucket}: {_why(exc)}") from exc
 
@@ -287,9 +302,13 @@ class KVStore:
         try:
             expires = time.time() + lease_ttl
             try:
-                # A key's first delivery: one create, asked directly (not through _put, a
-                # coroutine more on every message).
-                answer = await writes.request(subject, _lease(expires, group), _CREATE, TIMEOUT)
+                # A key's first delivery: one create, queued without a coroutine (not
+                # through _put or Replies.request: a coroutine more on every message).
+                lease = _lease(expires, group)
+                sent = writes.request_nowait(subject, lease, _CREATE, TIMEOUT)
+                answer = await (
+                    writes.request(subject, lease, _CREATE, TIMEOUT) if sent is None else sent
+                )
                 return new(self._hold(group, _revision(answer), expires))
             except WrongLast:
                 pass
@@ -327,19 +346,30 @@ class KVStore:
             raise StoreUnavailable(_why(exc)) from exc
 
     async def record(self, key: str, token: Token, ttl: float) -> None:
-        writes = self._open()
+        await self.record_soon(key, token, ttl)
+
+    def record_soon(self, key: str, token: Token, ttl: float) -> asyncio.Future[None]:
+        """Start :meth:`record`: the future is done once the record is stored (or fails
+        with :class:`StoreUnavailable`), with no coroutine per record meanwhile."""
         expires = time.time() + ttl
+        if self._writes is None:  # fails, keeping the lease for the next try
+            return self._spawn(self._record_in_entry(key, expires))
         lease = self._leases.pop(token, None)
+        if lease is None:
+            # Not one of ours (forgotten, or taken over while the store was down).
+            return self._spawn(self._record_in_entry(key, expires))
+        loop = self._loop
+        group = lease.group
+        group.lines.append(b"%s %.3f\n" % (key.encode(), expires))
+        stored: asyncio.Future[None] = loop.create_future()
+        group.waiters.append((len(group.lines), stored, key, lease.expires, expires))
+        if group.writer is None:
+            group.writer = loop.create_task(self._write_group(group))
+        return stored
+
+    async def _record_in_entry(self, key: str, expires: float) -> None:
         try:
-            if lease is not None:
-                group = lease.group
-                group.lines.append(b"%s %.3f\n" % (key.encode(), expires))
-                await self._stored(group, len(group.lines))
-                if time.time() < lease.expires:
-                    return
-            # Our lease ran out before the record was stored (the key may now point at
-            # another holder's group), or it is not one of ours: record in the key's entry.
-            await _put(writes, self._prefix + key, b"D%.3f" % expires, None)
+            await _put(self._open(), self._prefix + key, b"D%.3f" % expires, None)
         except nats.errors.Error as exc:
             raise StoreUnavailable(_why(exc)) from exc
 
@@ -395,15 +425,6 @@ class KVStore:
         for token in lapsed:
             del self._leases[token]
 
-    async def _stored(self, group: _Group, count: int) -> None:
-        """Wait until a write of ``group`` holding its first ``count`` lines is stored."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        group.waiters.append((count, waiter))
-        if group.writer is None:
-            group.writer = loop.create_task(self._write_group(group))
-        await waiter
-
     async def _write_group(self, group: _Group) -> None:
         # One write of a group in flight at a time: each holds every line so far,
         # so a later write never lands before an earlier one and loses lines.
@@ -412,21 +433,50 @@ class KVStore:
             while group.waiters:
                 count = len(group.lines)
                 await _put(writes, group.subject, b"".join(group.lines), None)
+                now = time.time()
                 waiting = []
-                for wanted, waiter in group.waiters:
+                for waiter in group.waiters:
+                    wanted, stored, key, lease_expires, record_expires = waiter
                     if wanted > count:
-                        waiting.append((wanted, waiter))
-                    elif not waiter.done():
-                        waiter.set_result(None)
+                        waiting.append(waiter)
+                    elif stored.done():
+                        pass  # its record() was cancelled
+                    elif now < lease_expires:
+                        stored.set_result(None)
+                    else:
+                        self._record_late(key, record_expires, stored)
                 group.waiters = waiting
         except (StoreUnavailable, nats.errors.Error) as exc:
             failure = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(_why(exc))
-            for _, waiter in group.waiters:
-                if not waiter.done():
-                    waiter.set_exception(failure)
+            for _, stored, *_ in group.waiters:
+                if not stored.done():
+                    stored.set_exception(failure)
             group.waiters = []
         finally:
             group.writer = None
+
+    def _record_late(self, key: str, expires: float, stored: asyncio.Future[None]) -> None:
+        """The key's lease ran out before its group write was stored: another delivery
+        may have taken the key over and pointed it at its own group, so the record also
+        goes into the key's own entry (``D``): the effect happened."""
+
+        def settle(late: asyncio.Task[None]) -> None:
+            if stored.done():
+                return
+            if late.cancelled():
+                stored.set_exception(StoreUnavailable("the record was cancelled"))
+            elif (failure := late.exception()) is not None:
+                stored.set_exception(failure)
+            else:
+                stored.set_result(None)
+
+        self._spawn(self._record_in_entry(key, expires)).add_done_callback(settle)
+
+    def _spawn(self, write: Coroutine[None, None, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(write)
+        self._writing.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._writing.discard)
+        return task
 
 
 def _lease(expires: float, group: _Group) -> bytes:

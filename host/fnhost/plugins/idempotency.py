@@ -16,7 +16,10 @@ For a function with ``idempotency:`` in fn.yaml the middleware, per message:
    never naks, terms or uses up a delivery.
 3. runs the rest of the chain. An ack is returned only after the key is
    recorded (unless the handler recorded it itself with
-   ``ctx.idempotency.record_in(conn)``); any other outcome releases the lease,
+   ``ctx.idempotency.record_in(conn)``), or, on a stream with plain acks and a
+   store that can start a record without waiting (kv), with the record on its
+   way in :attr:`~fnhost.types.Invocation.ack_after`: the trigger acks once it
+   is stored; any other outcome releases the lease,
    so the redelivery can take it at once. A record the store cannot take (it
    fails over) is tried again for up to :data:`RECORD_PATIENCE` seconds before
    the message is nak'ed: its effect has happened.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import time
@@ -289,6 +293,11 @@ def build_middleware(
     retry = function.retry
     stream = function.trigger.kind == "stream"
     ping_every = function.trigger.ack_wait / 3
+    # A plain ack can wait for the record outside the invocation (the trigger sends it
+    # once the record is stored); ``ack: sync`` waits for the ack's answer in it anyway.
+    record_soon: Callable[[str, Token, float], asyncio.Future[None]] | None = (
+        getattr(store, "record_soon", None) if stream and function.ack == "plain" else None
+    )
 
     def unavailable(call: Invocation, exc: StoreUnavailable) -> Outcome:
         guard.failed(exc)
@@ -342,6 +351,19 @@ def build_middleware(
                 return
         raise failure
 
+    async def record_failed(
+        key: str, token: Token, outcome: Ack, call: Invocation, failure: BaseException
+    ) -> Outcome:
+        """A record started with ``record_soon`` failed: what the message's outcome is
+        after :func:`record_again` (``outcome``, or a nak if the store stays down)."""
+        if not isinstance(failure, StoreUnavailable):
+            failure = StoreUnavailable(describe(failure))
+        try:
+            await record_again(key, token, failure)
+        except StoreUnavailable as exc:
+            return unavailable(call, exc)
+        return outcome
+
     async def idempotency(call: Invocation, call_next: CallNext) -> Outcome:
         try:
             raw = resolve(call)
@@ -382,6 +404,13 @@ def build_middleware(
             token = again.token  # ours now; released below with the failure
         try:
             if isinstance(outcome, Ack):
+                if not handle.recorded and record_soon is not None:
+                    # The trigger acks once the record is stored, never before.
+                    stored = record_soon(key, token, ttl)
+                    # Bound without the call: held by it, a cycle only the GC would free.
+                    recover = functools.partial(record_failed, key, token, outcome)
+                    call.ack_after = (stored, recover)
+                    return outcome
                 if not handle.recorded:
                     # Never ack before the record is stored.
                     try:

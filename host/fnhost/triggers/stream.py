@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from fnhost.logs import current_invocation
 from fnhost.triggers import FunctionRuntime, Trigger
 from fnhost.types import Ack, DeadLetter, Invocation, Nak, Outcome, Term
 from fnhost_sdk import headers as h
+from fnhost_sdk.nowait import publish_nowait
 from fnhost_sdk.session import PublishError
 
 log = logging.getLogger("fnhost.trigger")
@@ -98,6 +100,7 @@ class StreamTrigger(Trigger):
         self._ping_task: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._started_at: dict[int, tuple[Msg, float]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
 
     def describe(self) -> str:
         return f"{self.stream}/{self.durable}"
@@ -131,6 +134,10 @@ class StreamTrigger(Trigger):
         try:
             return await super().drain(grace)
         finally:
+            # Past the grace: acks still waiting for a record retried are not sent.
+            for settling in list(self._settling):
+                settling.cancel()
+            await asyncio.gather(*self._settling, return_exceptions=True)
             if self._ping_task is not None:
                 self._ping_task.cancel()
             if self.subscription is not None:
@@ -303,11 +310,52 @@ class StreamTrigger(Trigger):
             except Exception as exc:
                 log.exception("function %s failed outside its middleware chain", self.name)
                 outcome = outcome_for_error(runtime.spec, inv, exc)
+            after = inv.ack_after
+            if after is not None and isinstance(outcome, Ack):
+                # The message keeps a slot until its ack is sent (a drain waits for it).
+                self.slots.in_use += 1
+                after[0].add_done_callback(functools.partial(self._ack_when_stored, inv, outcome))
+                return
             await self._act(inv, outcome)
         finally:
             if self._pings:
                 self._started_at.pop(id(msg), None)
             current_invocation.reset(token)
+
+    def _ack_when_stored(self, inv: Invocation, outcome: Ack, stored: asyncio.Future[None]) -> None:
+        """The write the ack waited for is stored: ack now, without a coroutine. A failed
+        write, ``ack: sync``, or a connection nats-py must publish on itself take
+        :meth:`_settle_late`."""
+        msg = inv.msg
+        stored_ok = not stored.cancelled() and stored.exception() is None
+        if stored_ok and not self._ack_sync and publish_nowait(self.nc, msg.reply):
+            msg._ackd = True  # what Msg.ack sets
+            self.slots.release()
+            self.released()
+            return
+        settling = asyncio.get_running_loop().create_task(self._settle_late(inv, outcome, stored))
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+
+    async def _settle_late(
+        self, inv: Invocation, outcome: Outcome, stored: asyncio.Future[None]
+    ) -> None:
+        msg = inv.msg
+        if self._pings:
+            # A write tried again may take a while: the message must not be redelivered.
+            self._started_at[id(msg)] = (msg, asyncio.get_running_loop().time())
+        failure = asyncio.CancelledError() if stored.cancelled() else stored.exception()
+        try:
+            if failure is not None and inv.ack_after is not None:
+                outcome = await inv.ack_after[1](inv, failure)
+            await self._act(inv, outcome)
+        except Exception:
+            log.exception("function %s: unexpected error settling a message", self.name)
+        finally:
+            if self._pings:
+                self._started_at.pop(id(msg), None)
+            self.slots.release()
+            self.released()
 
     async def _act(self, inv: Invocation, outcome: Outcome) -> None:
         msg = inv.msg
