@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, runtime_checkable
 
 from fnhost.errors import FnhostError
 from fnhost_sdk.idempotency import TransactionalRecorder
@@ -147,6 +147,7 @@ class Store(Protocol):
         ...
 
 
+@runtime_checkable
 class RecordsSoon(Protocol):
     """A store that can start a record without a coroutine waiting for it."""
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 from fnhost.errors import HandlerTimeout, LoadError
-from fnhost.idempotency import Begin, Store, StoreUnavailable, Token, open_store
+from fnhost.idempotency import Begin, RecordsSoon, Store, StoreUnavailable, Token, open_store
 from fnhost.invocation import describe
 from fnhost.manifest import FunctionSpec, IdempotencySpec
 from fnhost.plugins import hookimpl
@@ -295,8 +295,10 @@ def build_middleware(
     ping_every = function.trigger.ack_wait / 3
     # A plain ack can wait for the record outside the invocation (the trigger sends it
     # once the record is stored); ``ack: sync`` waits for the ack's answer in it anyway.
-    record_soon: Callable[[str, Token, float], asyncio.Future[None]] | None = (
-        getattr(store, "record_soon", None) if stream and function.ack == "plain" else None
+    record_soon = (
+        store.record_soon
+        if isinstance(store, RecordsSoon) and stream and function.ack == "plain"
+        else None
     )
 
     def unavailable(call: Invocation, exc: StoreUnavailable) -> Outcome:
