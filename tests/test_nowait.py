@@ -10,28 +10,17 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
 from fnhost_sdk.nowait import EncodedHeaders, publish_nowait
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
+from support import collect
 
 pytestmark = pytest.mark.nats
 
 
-async def _collect(nc: NatsClient, subject: str) -> list[Msg]:
-    received: list[Msg] = []
-
-    async def take(msg: Msg) -> None:
-        received.append(msg)
-
-    await nc.subscribe(subject, cb=take)
-    await nc.flush()
-    return received
-
-
 async def test_a_queued_publish_arrives_in_order_with_nats_py_publishes(nc: NatsClient) -> None:
-    received = await _collect(nc, "orders.>")
+    received = await collect(nc, "orders.>")
     headers = EncodedHeaders({"Nats-Msg-Id": "m-1", "Order-Id": "o 7"})
     await nc.publish("orders.a", b"first")
     assert publish_nowait(nc, "orders.b", b"second", "reply.here", headers)
@@ -53,7 +42,7 @@ async def test_a_queued_publish_arrives_in_order_with_nats_py_publishes(nc: Nats
 async def test_encoded_headers_are_the_dict_nats_py_publishes_when_handed_back(
     nc: NatsClient,
 ) -> None:
-    received = await _collect(nc, "orders.>")
+    received = await collect(nc, "orders.>")
     await nc.publish("orders.a", b"x", headers=EncodedHeaders({"Order-Id": "o-1"}))
     await wait_for(lambda: received, message="the message")
     assert received[0].headers == {"Order-Id": "o-1"}
@@ -69,7 +58,7 @@ async def test_a_payload_over_the_server_limit_is_not_queued(nc: NatsClient) -> 
 async def test_a_full_outgoing_buffer_is_left_to_nats_py(nats_server: NatsServer) -> None:
     nc = await nats.connect(nats_server.url, pending_size=64)
     try:
-        received = await _collect(nc, "orders.>")
+        received = await collect(nc, "orders.>")
         assert not publish_nowait(nc, "orders.a", b"x" * 100)
         await nc.publish("orders.a", b"x" * 100)  # nats-py flushes at once instead
         await wait_for(lambda: received, message="nats-py's publish arrived")
@@ -100,7 +89,7 @@ async def test_while_reconnecting_nats_py_buffers_and_sends_after_the_reconnect(
         max_reconnect_attempts=-1,
     )
     try:
-        received = await _collect(nc, "orders.>")
+        received = await collect(nc, "orders.>")
         nats_server.stop()
         await wait_for(lambda: not nc.is_connected, message="the client noticed the outage")
         assert not publish_nowait(nc, "orders.a", b"during")

@@ -25,6 +25,7 @@ from fnhost.logs import InvocationContext
 from fnhost_sdk import headers as h
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
+from support import collect
 
 from ._support import HostFactory, SpanMemory
 
@@ -119,17 +120,6 @@ def parse(value: str | None) -> tuple[str, str, str]:
 
 def new_ids() -> tuple[str, str]:
     return uuid.uuid4().hex, uuid.uuid4().hex[:16]
-
-
-async def collect(nc: NatsClient, subject: str) -> list[Msg]:
-    got: list[Msg] = []
-
-    async def keep(msg: Msg) -> None:
-        got.append(msg)
-
-    await nc.subscribe(subject, cb=keep)
-    await nc.flush()
-    return got
 
 
 async def stream_message(nc: NatsClient, stream: str, subject: str) -> Msg:

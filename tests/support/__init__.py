@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from fnhost.host import Host
 
@@ -42,3 +43,15 @@ async def dead_letter_id_of(nc: NatsClient, stream: str, sequence: int) -> str:
     """The ``Nats-Msg-Id`` a dead letter of ``stream``'s message ``sequence`` must carry."""
     stored_at_us = await stored_at_ns_of(nc, stream, sequence) // 1000
     return f"dlq:{stream}:{sequence}:{stored_at_us}"
+
+
+async def collect(nc: NatsClient, subject: str) -> list[Msg]:
+    """Subscribe to ``subject``; the list fills with its messages as they arrive."""
+    got: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        got.append(msg)
+
+    await nc.subscribe(subject, cb=keep)
+    await nc.flush()
+    return got
