@@ -10,6 +10,7 @@ publish on itself take the awaited path and keep the same promise.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -21,6 +22,7 @@ import fnhost_sdk.replies
 from conftest import HostFactory
 from fnhost.http import readiness
 from fnhost.idempotency.kv import KVStore
+from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
 from support import module_of
 
@@ -122,3 +124,30 @@ async def test_acks_and_leases_go_through_nats_py_when_they_cannot_be_queued(
     assert len([s for s in declined if s.startswith(f"$KV.{BUCKET}.work.")]) >= 19
     for n in (0, 10, 19):
         assert await _recorded(nc, f"m-{n}")
+
+
+async def test_a_drain_waits_for_an_ack_that_waits_for_its_record(
+    host_factory: HostFactory, nc: NatsClient, nats_server: NatsServer
+) -> None:
+    """The handler returned, its record's group write is held up (the server is frozen):
+    the message keeps its slot, so the drain waits and the ack is sent before the
+    connection closes; the message is not redelivered."""
+    host = await host_factory(manifest("{store: kv}"), {"fn.py": GATED})
+    await publish(nc, 1)
+    await wait_for(lambda: runs(host) == [1], message="the handler running")
+    trigger = host.functions["work"].trigger
+    assert trigger is not None
+    nats_server.pause()
+    try:
+        module_of(host).GATE.set()
+        await wait_for(
+            lambda: host.metrics.counts("work").get("ack") == 1, message="the handler returned"
+        )
+        assert trigger.slots.in_use == 1  # held for the ack
+        draining = asyncio.get_running_loop().create_task(host.drain(grace=30))
+    finally:
+        nats_server.resume()
+    await draining
+    assert trigger.slots.in_use == 0
+    await wait_for(lambda: settled(nc), timeout=20, message="the message acked")
+    assert runs(host) == [1]
