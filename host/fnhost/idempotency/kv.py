@@ -352,11 +352,10 @@ class KVStore:
         """Start :meth:`record`: the future is done once the record is stored (or fails
         with :class:`StoreUnavailable`), with no coroutine per record meanwhile."""
         expires = time.time() + ttl
-        if self._writes is None:  # fails, keeping the lease for the next try
-            return self._spawn(self._record_in_entry(key, expires))
-        lease = self._leases.pop(token, None)
+        lease = None if self._writes is None else self._leases.pop(token, None)
         if lease is None:
-            # Not one of ours (forgotten, or taken over while the store was down).
+            # Not open (fails; the lease stays ours for the next try), or not one of ours
+            # (forgotten, or taken over while the store was down): the key's own entry.
             return self._spawn(self._record_in_entry(key, expires))
         loop = self._loop
         group = lease.group
