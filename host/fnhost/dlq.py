@@ -53,6 +53,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from fnhost.manifest import FunctionSpec, Manifest
+from fnhost.tasks import cancel_and_wait
 from fnhost_sdk import headers as h
 from fnhost_sdk.session import PublishError, Session
 
@@ -259,7 +260,7 @@ class AdvisoryWatcher:
         """
         wanted = _targets(functions)
         gone = [key for key in self._tasks if key not in wanted]
-        await _stop_all([self._tasks.pop(key) for key in gone])
+        await cancel_and_wait([self._tasks.pop(key) for key in gone])
         new = [target for key, target in wanted.items() if key not in self._tasks]
         self._targets = wanted
         if not new:
@@ -286,7 +287,7 @@ class AdvisoryWatcher:
     async def stop(self) -> None:
         """Stop watching. An advisory cut off mid-way is redelivered; its copy dedups."""
         tasks, self._tasks = self._tasks, {}
-        await _stop_all(list(tasks.values()))
+        await cancel_and_wait(tasks.values())
 
     async def _provision(self, target: _Target, replicas: int) -> None:
         await ensure_advisory_stream(self._js, replicas)
@@ -390,12 +391,6 @@ class AdvisoryWatcher:
         log.warning("%s; retrying in %gs", why, delay)
         with contextlib.suppress(nats.errors.Error):  # unsettled, it comes back after ack_wait
             await msg.nak(delay)
-
-
-async def _stop_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # --- reading, replaying, purging (fnhost dlq) ----------------------------------

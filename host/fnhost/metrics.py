@@ -39,6 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.samples import Sample
 
 from fnhost.manifest import FunctionSpec
+from fnhost.tasks import cancel_and_wait
 from fnhost.types import CallNext, Invocation, Middleware, Outcome
 
 if TYPE_CHECKING:
@@ -231,8 +232,7 @@ class HostMetrics:
 
     async def stop_refresher(self) -> None:
         if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+            await cancel_and_wait([self._refresher])
             self._refresher = None
 
     async def refresh_pending(self, host: Host) -> None:

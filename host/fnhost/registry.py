@@ -42,6 +42,7 @@ from fnhost import provision
 from fnhost.errors import FnhostError, LoadError
 from fnhost.loader import LoadedFunction, inspect_handler
 from fnhost.manifest import FunctionSpec, KVSpec, ObjectStoreSpec, RegistrySpec
+from fnhost.tasks import cancel_and_wait
 from fnhost_sdk.artifact import (
     DeployRefused,
     SignedSpec,
@@ -178,9 +179,7 @@ class RegistryWatcher:
 
     async def stop(self) -> None:
         """Stop watching and withdraw this host's status document."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self._watcher is not None:
             try:
                 await self._watcher.stop()  # type: ignore[no-untyped-call]

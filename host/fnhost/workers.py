@@ -80,6 +80,7 @@ from fnhost.embedded import EmbeddedNats
 from fnhost.errors import ManifestError
 from fnhost.http import HttpServer, readiness_response, status_page_html
 from fnhost.manifest import Manifest, load_manifest
+from fnhost.tasks import cancel_and_wait
 from fnhost_sdk.waiting import wait_for
 
 if TYPE_CHECKING:
@@ -233,8 +234,7 @@ class Supervisor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._until_next_look())
             if self._roll is not None:
-                self._roll.cancel()
-                await asyncio.gather(self._roll, return_exceptions=True)
+                await cancel_and_wait([self._roll])
             code = await self._drain()
         return code
 

@@ -55,6 +55,7 @@ from fnhost.invocation import describe
 from fnhost.manifest import FunctionSpec, IdempotencySpec
 from fnhost.plugins import hookimpl
 from fnhost.plugins.timeout import cancel_slack
+from fnhost.tasks import cancel_and_wait
 from fnhost.types import (
     DUPLICATE,
     Ack,
@@ -136,8 +137,7 @@ class StoreGuard:
 
     async def close(self) -> None:
         if self._probe is not None:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
+            await cancel_and_wait([self._probe])
         await self.store.close()
 
     async def _probe_until_back(self) -> None:

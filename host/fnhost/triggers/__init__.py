@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription
 
 from fnhost.loader import LoadedFunction
 from fnhost.manifest import FunctionSpec
+from fnhost.tasks import cancel_and_wait
 from fnhost.types import Handler
 from fnhost_sdk.session import Session
 
@@ -221,8 +222,6 @@ class Trigger(ABC):
                 self.slots.in_use,
                 grace,
             )
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_and_wait(self._workers)
         self.status = "stopped"
         return finished

@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 from fnhost.dlq import dead_letter_headers
 from fnhost.invocation import outcome_for_error
 from fnhost.logs import current_invocation
+from fnhost.tasks import cancel_and_wait
 from fnhost.triggers import FunctionRuntime, Trigger
 from fnhost.types import Ack, DeadLetter, Invocation, Nak, Outcome, Term
 from fnhost_sdk import headers as h
@@ -120,26 +121,21 @@ class StreamTrigger(Trigger):
             self._ping_task = loop.create_task(self._ping_loop(), name=f"fnhost-ping-{self.name}")
 
     async def stop_intake(self) -> None:
-        if self._pull_task is not None:
-            self._pull_task.cancel()
-        if self._recovery is not None:
-            self._recovery.cancel()
         # Pull requests cannot be withdrawn: until they expire or the inbox goes, the
         # server may still deliver. Those messages are nak'ed at once (see _on_delivery)
         # rather than dropped, which would hold them back until ack_wait; all but a last
         # allowed delivery, which runs.
         self._refusing = True
+        await cancel_and_wait(task for task in (self._pull_task, self._recovery) if task)
 
     async def drain(self, grace: float) -> bool:
         try:
             return await super().drain(grace)
         finally:
             # Past the grace: acks still waiting for a record retried are not sent.
-            for settling in list(self._settling):
-                settling.cancel()
-            await asyncio.gather(*self._settling, return_exceptions=True)
-            if self._ping_task is not None:
-                self._ping_task.cancel()
+            await cancel_and_wait(
+                [*self._settling, *([self._ping_task] if self._ping_task else [])]
+            )
             if self.subscription is not None:
                 sub, self.subscription = self.subscription, None
                 with contextlib.suppress(nats.errors.Error):
