@@ -16,15 +16,17 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from chaos.harness import HostProcess
 from conftest import HostFactory
 from fnhost.cli import YOUNG_GC_THRESHOLD
-from fnhost.host import Host
+from fnhost.host import Host, _drain_connection
 from fnhost_sdk import headers as h
 from fnhost_sdk.server import NatsServer, free_port
 from fnhost_sdk.waiting import wait_for, wait_for_sync
@@ -579,3 +581,22 @@ async def test_a_host_process_collects_young_objects_every_10000_allocations(
     young, *older = json.loads(answer.data)
     assert young == YOUNG_GC_THRESHOLD == 10_000
     assert older == list(gc.get_threshold()[1:])  # the older generations keep Python's
+
+
+async def test_a_connection_whose_drain_cannot_finish_is_closed_and_said_so(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(nats_server.url, allow_reconnect=False)
+    await nc.subscribe("orders.>", cb=_ignore)
+    nats_server.pause()  # no PONG: nats-py's drain waits on its last flush
+    try:
+        with caplog.at_level(logging.WARNING, logger="fnhost.host"):
+            await _drain_connection(nc)
+        assert nc.is_closed
+        assert "connection drain did not finish in 5s; closing" in caplog.text
+    finally:
+        nats_server.resume()
+
+
+async def _ignore(msg: Msg) -> None:
+    del msg

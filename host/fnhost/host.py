@@ -33,6 +33,7 @@ from fnhost.loader import LoadedFunction, load_function, user_traceback
 from fnhost.manifest import FunctionSpec, Manifest
 from fnhost.metrics import HostMetrics
 from fnhost.plugins.manager import PluginManager
+from fnhost.tasks import cancel_and_wait
 from fnhost.tracing import HostTracing
 from fnhost.triggers import FunctionRuntime, Trigger
 from fnhost.triggers.request import RequestTrigger
@@ -45,6 +46,8 @@ log = logging.getLogger("fnhost.host")
 SLOW_CONSUMER_LOG_EVERY = 10.0
 """Seconds between two log lines about the messages one subscription dropped."""
 DEFAULT_GRACE = 30.0
+CONNECTION_DRAIN_TIMEOUT = 5.0
+"""Seconds the connection's drain gets (after the functions drained) before it is closed."""
 
 FunctionStatus = Literal["starting", "running", "failed", "draining", "stopped"]
 
@@ -347,11 +350,7 @@ class Host:
         nc = self._nc
         if nc is not None and not nc.is_closed:
             if drain:
-                try:
-                    await asyncio.wait_for(nc.drain(), timeout=5)
-                # While disconnected nats-py refuses to drain (ConnectionReconnectingError).
-                except (TimeoutError, FnhostError, nats.errors.Error) as exc:
-                    log.warning("connection drain did not finish: %s", exc)
+                await _drain_connection(nc)
             if not nc.is_closed:
                 await nc.close()
         for state in self.functions.values():
@@ -395,8 +394,7 @@ class Host:
         if starting.done():
             starting.result()
             return True
-        starting.cancel()
-        await asyncio.gather(starting, return_exceptions=True)
+        await cancel_and_wait([starting])
         return False
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -405,6 +403,23 @@ class Host:
             return
         log.info("%s received: draining", sig.name)
         self._stop.set()
+
+
+async def _drain_connection(nc: NatsClient) -> None:
+    """Drain ``nc`` for at most :data:`CONNECTION_DRAIN_TIMEOUT` seconds, then close it.
+
+    Not through ``wait_for``: nats-py's ``drain`` swallows the cancellation of a
+    timeout and goes on to a flush of up to 10 s, which ``wait_for`` waits out.
+    """
+    draining = asyncio.ensure_future(nc.drain())
+    await asyncio.wait({draining}, timeout=CONNECTION_DRAIN_TIMEOUT)
+    if not draining.done():
+        log.warning("connection drain did not finish in %gs; closing", CONNECTION_DRAIN_TIMEOUT)
+        await nc.close()
+        await cancel_and_wait([draining])
+    elif (failure := draining.exception()) is not None:
+        # While disconnected nats-py refuses to drain (ConnectionReconnectingError).
+        log.warning("connection drain did not finish: %s", failure)
 
 
 def _needs_new_trigger(old: FunctionSpec, new: FunctionSpec) -> bool:
