@@ -19,10 +19,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
+import fnhost.triggers.stream
 from fnhost.host import Host
 from fnhost.manifest import parse_manifest
 from fnhost.reload import apply_manifest
 from fnhost.triggers.stream import StreamTrigger
+from fnhost_sdk.nowait import publish_nowait
 from fnhost_sdk.testing import wait_for
 from support import module_of, stored_at_ns_of
 
@@ -131,6 +133,37 @@ async def test_messages_are_consumed_and_acked_once(
     assert info.num_redelivered == 0
     assert info.delivered.stream_seq == 20
     assert acks.settled() == ["+ACK"] * 20
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["queued", "declined"])
+async def test_plain_acks_are_queued_or_else_sent_by_nats_py(
+    host_factory, js: JetStreamContext, acks: AckLog, monkeypatch: pytest.MonkeyPatch, queued: bool
+) -> None:
+    """An ack goes on nats-py's outgoing buffer without a coroutine; when the buffer
+    cannot take it now (reconnecting, draining, full) ``Msg.ack`` sends it: either way
+    each message is acked once and never redelivered."""
+    queued_acks: list[str] = []
+
+    def spy(nc: NatsClient, subject: str, *args: object) -> bool:
+        if not queued:
+            return False
+        queued_acks.append(subject)
+        return publish_nowait(nc, subject, *args)
+
+    monkeypatch.setattr(fnhost.triggers.stream, "publish_nowait", spy)
+    host = await host_factory(manifest(), {"fn.py": RECORD})
+    for i in range(20):
+        await js.publish("in.a", json.dumps({"i": i}).encode())
+
+    await wait_for(lambda: len(module_of(host).SEEN) >= 20, message="20 messages handled")
+    await settled(js, total=20)
+    await wait_for(lambda: acks.count("+ACK") >= 20, message="20 acks on the wire")
+
+    assert acks.settled() == ["+ACK"] * 20
+    assert (await consumer(js)).num_redelivered == 0
+    assert len(module_of(host).SEEN) == 20
+    assert len(queued_acks) == (20 if queued else 0)
+    assert all(subject.startswith("$JS.ACK.IN.work.") for subject in queued_acks)
 
 
 # --------------------------------------------------------------------- retries

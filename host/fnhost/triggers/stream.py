@@ -324,8 +324,7 @@ class StreamTrigger(Trigger):
         :meth:`_settle_late`."""
         msg = inv.msg
         stored_ok = not stored.cancelled() and stored.exception() is None
-        if stored_ok and not self._ack_sync and publish_nowait(self.nc, msg.reply):
-            msg._ackd = True  # what Msg.ack sets
+        if stored_ok and not self._ack_sync and self._ack_nowait(msg):
             self.slots.release()
             self.released()
             return
@@ -359,7 +358,7 @@ class StreamTrigger(Trigger):
             if isinstance(outcome, Ack):
                 if self._ack_sync:
                     await msg.ack_sync()
-                else:
+                elif not self._ack_nowait(msg):
                     await msg.ack()
             elif isinstance(outcome, Nak):
                 log.warning(
@@ -390,6 +389,14 @@ class StreamTrigger(Trigger):
             log.warning(
                 "function %s: could not settle %s/%d: %s", self.name, self.stream, inv.sequence, exc
             )
+
+    def _ack_nowait(self, msg: Msg) -> bool:
+        """Send a plain ack without a coroutine (about 0.7 µs against 2 µs for ``Msg.ack``);
+        ``False``: nothing was sent (reconnecting, draining, a full buffer): ``Msg.ack`` it."""
+        if msg._ackd or not publish_nowait(self.nc, msg.reply):
+            return False
+        msg._ackd = True  # what Msg.ack sets
+        return True
 
     async def _dead_letter(self, inv: Invocation, outcome: DeadLetter) -> None:
         spec = self.runtime.spec
