@@ -133,9 +133,7 @@ class StreamTrigger(Trigger):
             return await super().drain(grace)
         finally:
             # Past the grace: acks still waiting for a record retried are not sent.
-            await cancel_and_wait(
-                [*self._settling, *([self._ping_task] if self._ping_task else [])]
-            )
+            await cancel_and_wait(task for task in (*self._settling, self._ping_task) if task)
             if self.subscription is not None:
                 sub, self.subscription = self.subscription, None
                 with contextlib.suppress(nats.errors.Error):
