@@ -8,13 +8,6 @@ message is dispatched the moment it arrives: unlike nats-py's ``fetch(n)``,
 which holds the first message of a lingering pull until ``n`` arrive or the
 request expires, this adds no latency to a trickle of messages.
 
-An invocation whose ack waits for a write of a middleware's
-(``Invocation.ack_after``: the kv idempotency store's record) gives its slot
-to the next message as soon as it returns; the message is acked from the
-write's callback. Up to ``concurrency`` such messages may wait beside the
-running ones, so the host never holds more than twice ``concurrency``: its
-memory stays bounded when the writes are slow.
-
 Pull requests carry an idle heartbeat. Status messages are control, never
 payload: 408/409 return the credit they name; "Consumer Deleted", a pull
 request nobody answers (503) and a missing heartbeat make the loop re-create
@@ -45,7 +38,7 @@ from fnhost.dlq import dead_letter_headers
 from fnhost.invocation import outcome_for_error
 from fnhost.logs import current_invocation
 from fnhost.tasks import cancel_and_wait
-from fnhost.triggers import FunctionRuntime, Slots, Trigger
+from fnhost.triggers import FunctionRuntime, Trigger
 from fnhost.types import Ack, DeadLetter, Invocation, Nak, Outcome, Term
 from fnhost_sdk import headers as h
 from fnhost_sdk.nowait import publish_nowait
@@ -109,34 +102,15 @@ class StreamTrigger(Trigger):
         self._recovery: asyncio.Task[None] | None = None
         self._started_at: dict[int, tuple[Msg, float]] = {}
         self._settling: set[asyncio.Task[None]] = set()
-        self._acks_waiting = Slots(spec.concurrency)
-        """Messages whose invocation returned and whose ack waits for a write (ack_after)."""
 
     def describe(self) -> str:
         return f"{self.stream}/{self.durable}"
 
     @property
     def held(self) -> int:
-        """Messages this trigger holds: taken (running, queued for a worker, or with an
-        ack waiting for a write) plus asked for and not yet delivered. Never above twice
-        ``concurrency``; without the acks waiting, never above ``concurrency``."""
-        return self.slots.in_use + self._credit + self._acks_waiting.in_use
-
-    @property
-    def inflight(self) -> int:
-        """Messages taken and not yet settled: running, queued, or with an ack waiting."""
-        return self.slots.in_use + self._acks_waiting.in_use
-
-    async def wait_settled(self) -> None:
-        await self.slots.wait_idle()
-        # No invocation runs any more, so no ack starts waiting after this.
-        await self._acks_waiting.wait_idle()
-
-    def _pullable(self) -> int:
-        """Messages the loop may ask for now: the free slots not promised to credit, less
-        what the acks waiting take beyond their own ``concurrency``."""
-        acks_beyond = self._acks_waiting.in_use - self._acks_waiting.capacity
-        return self.slots.free - self._credit - max(0, acks_beyond)
+        """Messages this trigger holds: taken (running or queued for a worker) plus asked
+        for and not yet delivered. Never above ``concurrency``."""
+        return self.slots.in_use + self._credit
 
     async def subscribe(self) -> None:
         self.subscription = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
@@ -200,7 +174,7 @@ class StreamTrigger(Trigger):
         nc = self.nc
         slots = self.slots
         while True:
-            wanted = self._pullable()
+            wanted = slots.free - self._credit
             if wanted >= self._refill_at or (wanted > 0 and self._credit == 0 and not slots.in_use):
                 count = min(wanted, self._batch)
                 request = {
@@ -299,7 +273,7 @@ class StreamTrigger(Trigger):
             )
 
     def released(self) -> None:
-        if self._pullable() >= self._refill_at:
+        if self.slots.free - self._credit >= self._refill_at:
             self._wake.set()
 
     async def handle(self, msg: Msg) -> None:
@@ -332,8 +306,8 @@ class StreamTrigger(Trigger):
                 outcome = outcome_for_error(runtime.spec, inv, exc)
             after = inv.ack_after
             if after is not None and isinstance(outcome, Ack):
-                # Its slot goes to the next message; a drain waits for the ack all the same.
-                self._acks_waiting.in_use += 1
+                # The message keeps a slot until its ack is sent (a drain waits for it).
+                self.slots.in_use += 1
                 after[0].add_done_callback(functools.partial(self._ack_when_stored, inv, outcome))
                 return
             await self._act(inv, outcome)
@@ -349,7 +323,7 @@ class StreamTrigger(Trigger):
         msg = inv.msg
         stored_ok = not stored.cancelled() and stored.exception() is None
         if stored_ok and not self._ack_sync and self._ack_nowait(msg):
-            self._acks_waiting.release()
+            self.slots.release()
             self.released()
             return
         settling = asyncio.get_running_loop().create_task(self._settle_late(inv, outcome, stored))
@@ -373,7 +347,7 @@ class StreamTrigger(Trigger):
         finally:
             if self._pings:
                 self._started_at.pop(id(msg), None)
-            self._acks_waiting.release()
+            self.slots.release()
             self.released()
 
     async def _act(self, inv: Invocation, outcome: Outcome) -> None:
