@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.api import ConsumerInfo
 
+import fnhost.idempotency.kv
 import fnhost.plugins.idempotency
 import fnhost.triggers.stream
 import fnhost_sdk.replies
 from conftest import HostFactory
 from fnhost.http import readiness
+from fnhost.idempotency import StoreUnavailable
 from fnhost.idempotency.kv import KVStore
 from fnhost_sdk.server import NatsServer
 from fnhost_sdk.testing import wait_for
@@ -127,11 +131,14 @@ async def test_acks_and_leases_go_through_nats_py_when_they_cannot_be_queued(
 
 
 async def test_a_drain_waits_for_an_ack_that_waits_for_its_record(
-    host_factory: HostFactory, nc: NatsClient, nats_server: NatsServer
+    host_factory: HostFactory,
+    nc: NatsClient,
+    nats_server: NatsServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The handler returned, its record's group write is held up (the server is frozen):
-    the message keeps its slot, so the drain waits and the ack is sent before the
-    connection closes; the message is not redelivered."""
+    its slot is free again, but the drain waits for the ack all the same, and the ack
+    is sent before the connection closes; the message is not redelivered."""
     host = await host_factory(manifest("{store: kv}"), {"fn.py": GATED})
     await publish(nc, 1)
     await wait_for(lambda: runs(host) == [1], message="the handler running")
@@ -143,11 +150,83 @@ async def test_a_drain_waits_for_an_ack_that_waits_for_its_record(
         await wait_for(
             lambda: host.metrics.counts("work").get("ack") == 1, message="the handler returned"
         )
-        assert trigger.slots.in_use == 1  # held for the ack
+        assert (trigger.slots.in_use, trigger.inflight) == (0, 1)  # the ack waits
         draining = asyncio.get_running_loop().create_task(host.drain(grace=30))
     finally:
         nats_server.resume()
     await draining
-    assert trigger.slots.in_use == 0
+    assert trigger.inflight == 0
+    assert "still running after" not in caplog.text
     await wait_for(lambda: settled(nc), timeout=20, message="the message acked")
     assert runs(host) == [1]
+
+
+async def test_an_ack_waiting_for_its_record_frees_its_slot_up_to_twice_the_concurrency(
+    host_factory: HostFactory, nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrency 2, the records' group writes held back, 10 messages: each handler's
+    slot goes to the next message once it returns, so 4 run (2 + 2 whose acks wait):
+    the host holds twice its concurrency and asks for no more; none is acked before
+    its record is stored. Once the writes go through, all 10 run once and are acked."""
+    writes_go = asyncio.Event()
+    write_group = KVStore._write_group
+
+    async def held_back(store: KVStore, group: Any) -> None:
+        await writes_go.wait()
+        await write_group(store, group)
+
+    monkeypatch.setattr(KVStore, "_write_group", held_back)
+    host = await host_factory(manifest("{store: kv}", concurrency=2), {"fn.py": COUNTING})
+    trigger = host.functions["work"].trigger
+    assert isinstance(trigger, fnhost.triggers.stream.StreamTrigger)
+    for n in range(10):
+        await publish(nc, n)
+    await wait_for(lambda: len(runs(host)) == 4, message="four handlers ran")
+
+    async def holding_four() -> ConsumerInfo | None:
+        info = await nc.jetstream().consumer_info("IN", "work")
+        # num_waiting == 0: no pull request outstanding, nothing more is coming.
+        ok = info.num_ack_pending == 4 and info.num_pending == 6 and info.num_waiting == 0
+        return info if ok else None
+
+    info = await wait_for(holding_four, message="4 delivered and unacked, 6 left, no pull")
+    assert info.ack_floor.stream_seq == 0, "an ack left before its record was stored"
+    assert (trigger.slots.in_use, trigger.inflight, trigger.held) == (0, 4, 4)
+    assert len(runs(host)) == 4
+
+    writes_go.set()
+    await wait_for(lambda: settled(nc), timeout=20, message="every message acked")
+    assert sorted(runs(host)) == list(range(10))
+    assert (await nc.jetstream().consumer_info("IN", "work")).num_redelivered == 0
+
+
+async def test_an_ack_whose_record_write_fails_takes_a_slot_back_while_it_is_retried(
+    host_factory: HostFactory, nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record's write fails (the store refuses every write for now): the message,
+    whose slot went to the next one when its handler returned, takes a slot back while
+    the middleware retries the record, so a failing store holds back the intake. Once
+    writes go through, it is acked, and its slot is free again."""
+    refusing = True
+    put = fnhost.idempotency.kv._put
+
+    async def refused(*args: Any) -> int:
+        if refusing:
+            raise StoreUnavailable("refused by the test")
+        return await put(*args)
+
+    monkeypatch.setattr(fnhost.idempotency.kv, "_put", refused)
+    host = await host_factory(manifest("{store: kv}", concurrency=2), {"fn.py": COUNTING})
+    trigger = host.functions["work"].trigger
+    assert isinstance(trigger, fnhost.triggers.stream.StreamTrigger)
+    await publish(nc, 1)
+    await wait_for(lambda: runs(host) == [1], message="the handler ran")
+    await wait_for(
+        lambda: (trigger.slots.in_use, trigger.inflight) == (1, 1),
+        message="the message holds a slot while its record is retried",
+    )
+    refusing = False
+    await wait_for(lambda: settled(nc), timeout=20, message="the message acked")
+    assert (trigger.slots.in_use, trigger.inflight) == (0, 0)
+    assert runs(host) == [1]
+    assert (await nc.jetstream().consumer_info("IN", "work")).num_redelivered == 0

@@ -199,7 +199,12 @@ class Trigger(ABC):
 
     @property
     def inflight(self) -> int:
+        """Messages taken and not yet settled: running or queued for a worker."""
         return self.slots.in_use
+
+    async def wait_settled(self) -> None:
+        """Return once every message taken is settled (the drain waits for this)."""
+        await self.slots.wait_idle()
 
     async def drain(self, grace: float) -> bool:
         """Stop intake, then wait up to ``grace`` seconds for queued and running work.
@@ -212,14 +217,14 @@ class Trigger(ABC):
         finished = True
         try:
             async with asyncio.timeout(grace):
-                await self.slots.wait_idle()
+                await self.wait_settled()
         except TimeoutError:
             finished = False
             log.warning(
-                "function %s: %d invocations still running after the %gs grace period; "
-                "cancelling them (they are not acked)",
+                "function %s: %d messages still running after the %gs grace period "
+                "(handlers, or acks waiting for a write); cancelling them (they are not acked)",
                 self.name,
-                self.slots.in_use,
+                self.inflight,
                 grace,
             )
         await cancel_and_wait(self._workers)

@@ -8,6 +8,15 @@ message is dispatched the moment it arrives: unlike nats-py's ``fetch(n)``,
 which holds the first message of a lingering pull until ``n`` arrive or the
 request expires, this adds no latency to a trickle of messages.
 
+An invocation whose ack waits for a write of a middleware's
+(``Invocation.ack_after``: the kv idempotency store's record) gives its slot
+to the next message as soon as it returns; the message is acked from the
+write's callback. Up to ``concurrency`` such messages may wait beside the
+running ones, so the host never holds more than twice ``concurrency``: its
+memory stays bounded when the writes are slow. A message whose write failed
+takes a slot back while the write is retried, so a failing store holds back
+the intake instead of having new messages' leases fail and nak.
+
 Pull requests carry an idle heartbeat. Status messages are control, never
 payload: 408/409 return the credit they name; "Consumer Deleted", a pull
 request nobody answers (503) and a missing heartbeat make the loop re-create
@@ -38,7 +47,7 @@ from fnhost.dlq import dead_letter_headers
 from fnhost.invocation import outcome_for_error
 from fnhost.logs import current_invocation
 from fnhost.tasks import cancel_and_wait
-from fnhost.triggers import FunctionRuntime, Trigger
+from fnhost.triggers import FunctionRuntime, Slots, Trigger
 from fnhost.types import Ack, DeadLetter, Invocation, Nak, Outcome, Term
 from fnhost_sdk import headers as h
 from fnhost_sdk.nowait import publish_nowait
@@ -102,15 +111,38 @@ class StreamTrigger(Trigger):
         self._recovery: asyncio.Task[None] | None = None
         self._started_at: dict[int, tuple[Msg, float]] = {}
         self._settling: set[asyncio.Task[None]] = set()
+        self._acks_waiting = Slots(spec.concurrency)
+        """Messages whose invocation returned and whose ack waits for a write (ack_after)."""
 
     def describe(self) -> str:
         return f"{self.stream}/{self.durable}"
 
     @property
     def held(self) -> int:
-        """Messages this trigger holds: taken (running or queued for a worker) plus asked
-        for and not yet delivered. Never above ``concurrency``."""
-        return self.slots.in_use + self._credit
+        """Messages this trigger holds: taken (running, queued for a worker, or with an
+        ack waiting for a write) plus asked for and not yet delivered. Never above twice
+        ``concurrency``."""
+        return self.slots.in_use + self._credit + self._acks_waiting.in_use
+
+    @property
+    def inflight(self) -> int:
+        """Messages taken and not yet settled: running, queued, or with an ack waiting."""
+        return self.slots.in_use + self._acks_waiting.in_use
+
+    async def wait_settled(self) -> None:
+        # No invocation runs once the slots are idle, so no ack starts waiting; but an
+        # ack whose write failed takes a slot back (_ack_when_stored): look again.
+        while True:
+            await self.slots.wait_idle()
+            await self._acks_waiting.wait_idle()
+            if not self.slots.in_use:
+                return
+
+    def _pullable(self) -> int:
+        """Messages the loop may ask for now: the free slots not promised to credit, less
+        what the acks waiting take beyond their own ``concurrency``."""
+        acks_beyond = self._acks_waiting.in_use - self._acks_waiting.capacity
+        return self.slots.free - self._credit - max(0, acks_beyond)
 
     async def subscribe(self) -> None:
         self.subscription = await self.nc.subscribe(self._inbox, cb=self._on_delivery)
@@ -174,7 +206,7 @@ class StreamTrigger(Trigger):
         nc = self.nc
         slots = self.slots
         while True:
-            wanted = slots.free - self._credit
+            wanted = self._pullable()
             if wanted >= self._refill_at or (wanted > 0 and self._credit == 0 and not slots.in_use):
                 count = min(wanted, self._batch)
                 request = {
@@ -273,7 +305,7 @@ class StreamTrigger(Trigger):
             )
 
     def released(self) -> None:
-        if self.slots.free - self._credit >= self._refill_at:
+        if self._pullable() >= self._refill_at:
             self._wake.set()
 
     async def handle(self, msg: Msg) -> None:
@@ -306,8 +338,8 @@ class StreamTrigger(Trigger):
                 outcome = outcome_for_error(runtime.spec, inv, exc)
             after = inv.ack_after
             if after is not None and isinstance(outcome, Ack):
-                # The message keeps a slot until its ack is sent (a drain waits for it).
-                self.slots.in_use += 1
+                # Its slot goes to the next message; a drain waits for the ack all the same.
+                self._acks_waiting.in_use += 1
                 after[0].add_done_callback(functools.partial(self._ack_when_stored, inv, outcome))
                 return
             await self._act(inv, outcome)
@@ -319,13 +351,16 @@ class StreamTrigger(Trigger):
     def _ack_when_stored(self, inv: Invocation, outcome: Ack, stored: asyncio.Future[None]) -> None:
         """The write the ack waited for is stored: ack now, without a coroutine. A failed
         write, ``ack: sync``, or a connection nats-py must publish on itself take
-        :meth:`_settle_late`."""
+        :meth:`_settle_late`, and the message takes a slot back meanwhile (over the
+        capacity if need be): while a failing store's writes are retried, the loop asks
+        for no new messages, whose leases would fail too."""
         msg = inv.msg
         stored_ok = not stored.cancelled() and stored.exception() is None
+        self._acks_waiting.release()
         if stored_ok and not self._ack_sync and self._ack_nowait(msg):
-            self.slots.release()
             self.released()
             return
+        self.slots.in_use += 1
         settling = asyncio.get_running_loop().create_task(self._settle_late(inv, outcome, stored))
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
